@@ -1,0 +1,43 @@
+# Two entry points: `make demo` (set up, then run the quickstart) and `make test`.
+# Both create .venv if absent and install torch *pinned first*, so that no CUDA wheels
+# are pulled on a CPU machine. On a GPU machine, pick the matching build, e.g.
+#   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test setup setup-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	touch $@
+
+$(VENV)/.ling: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.ling-dev: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.ling
+setup-dev: $(VENV)/.ling-dev
+
+demo: setup
+	$(BIN)/ling quickstart
+
+# pytest exit code 5 means "no tests were collected": for this project that is a broken
+# suite (a bad path or an import-time skip), so it fails loudly instead of passing.
+test: setup-dev
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests — the suite is broken" >&2; exit 1; fi; \
+	exit $$rc
+
+clean:
+	rm -rf $(VENV) .pytest_cache

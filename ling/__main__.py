@@ -1,0 +1,5 @@
+import sys
+
+from ling.cli import main
+
+sys.exit(main())

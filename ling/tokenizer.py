@@ -1,0 +1,214 @@
+"""One `Tokenizer` over Hugging Face `tokenizers`: char-level, byte-level BPE, or any tokenizer.json.
+
+Every tokenizer is stored as `tokenizer.json` (+ `tokenizer_config.json` holding the
+special tokens and the chat template), so what ling trains opens in transformers with
+`PreTrainedTokenizerFast(tokenizer_file=...)` / `AutoTokenizer.from_pretrained(dir)`, and
+what transformers saved opens here.
+
+- char-level: one id per character seen in the corpus (ids in sorted character order,
+  as nanoGPT numbers them), then the special tokens. A character outside the vocabulary
+  is an error that names it.
+- byte-level BPE (GPT-2 style): all 256 bytes are in the base alphabet, so any Unicode
+  text (Chinese, emoji, control characters, "") round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from ling.errors import LingError
+
+BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD]
+"""The special tokens every ling-trained tokenizer has (char-level adds UNK)."""
+
+
+def _token_content(value) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Text ⇄ token ids, plus the special tokens and chat template a model was trained with."""
+
+    def __init__(self, backend: HFTokenizer, config: dict | None = None):
+        self.backend = backend
+        self.config = dict(config or {})
+        vocab = backend.get_vocab(with_added_tokens=True)
+        model = json.loads(backend.to_str())["model"]
+        self.is_char_level = model.get("type") == "BPE" and not model.get("merges") and backend.pre_tokenizer is None
+        """True for ling's character tokenizer (BPE without merges or pre-tokenizer)"""
+        # Fall back to ling's own names when tokenizer_config.json does not say.
+        for key, default in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD), ("unk_token", UNK)):
+            if _token_content(self.config.get(key)) is None and default in vocab:
+                self.config[key] = default
+
+    # ---- training ---------------------------------------------------------------------
+    @classmethod
+    def train_char(cls, texts: Iterable[str]) -> "Tokenizer":
+        """A character-level tokenizer over every character that occurs in `texts`."""
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        specials = SPECIAL_TOKENS + [UNK]
+        vocab = {c: i for i, c in enumerate(sorted(chars - set(specials)))}
+        for tok in specials:
+            vocab[tok] = len(vocab)
+        # A BPE model with no merges is a character model; it encodes ~3x faster than
+        # WordLevel over a per-character split.
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+        backend.decoder = decoders.Fuse()
+        backend.add_special_tokens(specials)
+        return cls(backend, _default_config())
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None,
+                  show_progress: bool = False) -> "Tokenizer":
+        """A byte-level BPE tokenizer with `vocab_size` entries (bytes + merges + specials)."""
+        special_tokens = list(special_tokens or SPECIAL_TOKENS)
+        minimum = 256 + len(special_tokens)
+        if vocab_size < minimum:
+            raise LingError(f"--vocab-size must be at least {minimum} for byte-level BPE (256 bytes + specials)")
+        backend = HFTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=special_tokens,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        backend.train_from_iterator(texts, trainer)
+        return cls(backend, _default_config())
+
+    # ---- files ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Load `tokenizer.json` (a file, or a directory holding it and tokenizer_config.json)."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.exists():
+            raise LingError(f"{file}: no tokenizer.json found")
+        try:
+            backend = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on a bad file
+            raise LingError(f"{file}: not a valid tokenizer.json ({e})") from None
+        config_file = file.parent / "tokenizer_config.json"
+        config = {}
+        if config_file.exists():
+            try:
+                config = json.loads(config_file.read_text())
+            except json.JSONDecodeError as e:
+                raise LingError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+        return cls(backend, config)
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+
+    def to_json(self) -> str:
+        return self.backend.to_str()
+
+    def hash(self) -> str:
+        """A short content hash, recorded in dataset meta.json to catch a mismatched tokenizer."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    # ---- encoding ---------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. `add_special_tokens` applies the tokenizer's post-processor
+        (e.g. a BOS for Llama tokenizers), as transformers does by default."""
+        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        self._check_unknown(text, encoding)
+        return encoding.ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        for text, encoding in zip(texts, encodings):
+            self._check_unknown(text, encoding)
+        return [e.ids for e in encodings]
+
+    def _check_unknown(self, text, encoding) -> None:
+        unk = self.unk_id
+        if unk is None or unk not in encoding.ids or not self.is_char_level:
+            return
+        bad = []
+        for tok_id, (start, end) in zip(encoding.ids, encoding.offsets):
+            piece = text[start:end]
+            if tok_id == unk and piece != UNK:
+                bad.append(f"{piece!r} (U+{ord(piece[0]):04X}) at offset {start}")
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise LingError(
+                "text contains characters outside this char-level vocabulary: " + ", ".join(bad[:3]) + more
+            )
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ---- vocabulary -------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (the embedding needs at least this many rows)."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        return max(vocab.values()) + 1 if vocab else 0
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def _special_id(self, key: str) -> int | None:
+        token = _token_content(self.config.get(key))
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._special_id("unk_token")
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.config.get("chat_template")
+
+    @chat_template.setter
+    def chat_template(self, template: str | None) -> None:
+        self.config["chat_template"] = template
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        """Add special tokens (kept whole, never split); returns their ids."""
+        self.backend.add_special_tokens(tokens)
+        return [self.backend.token_to_id(t) for t in tokens]
+
+
+def _default_config() -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+    }
