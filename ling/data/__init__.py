@@ -1,0 +1,1 @@
+"""Data: corpus → token shards (`prepare`), pretraining batches, SFT formats and collation."""

@@ -1,0 +1,1 @@
+"""Inference: sampling and generation on the model's KV cache."""

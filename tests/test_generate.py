@@ -1,0 +1,45 @@
+"""Single-sequence sampling on the KV cache."""
+
+import torch
+
+from ling.config import ModelConfig
+from ling.infer.generate import generate_tokens, sample_next
+from ling.model import build_model
+
+
+def _greedy_without_cache(model, prompt, n):
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def test_greedy_with_cache_equals_greedy_without_cache():
+    model = build_model(ModelConfig.from_name("tiny")).eval()
+    prompt = [5, 9, 2, 7]
+    out = list(generate_tokens(model, prompt, 12, temperature=0))
+    with torch.no_grad():
+        assert out == _greedy_without_cache(model, prompt, 12)
+
+
+def test_same_seed_same_tokens_different_seed_differs():
+    model = build_model(ModelConfig.from_name("tiny"))
+    runs = [list(generate_tokens(model, [1, 2, 3], 30, temperature=1.0, seed=s)) for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_the_top_token():
+    logits = torch.tensor([[0.1, 3.0, 0.5, 2.9]])
+    g = torch.Generator().manual_seed(0)
+    assert all(int(sample_next(logits, 1.0, top_k=1, generator=g)) == 1 for _ in range(20))
+    assert all(int(sample_next(logits, 1.0, top_p=1e-6, generator=g)) == 1 for _ in range(20))
+
+
+def test_generation_stops_at_a_stop_id_and_at_the_context_limit():
+    model = build_model(ModelConfig.from_name("tiny")).eval()
+    greedy = list(generate_tokens(model, [1, 2], 10, temperature=0))
+    stopped = list(generate_tokens(model, [1, 2], 10, temperature=0, stop_ids=(greedy[2],)))
+    assert stopped == greedy[: greedy.index(greedy[2]) + 1]
+    long = list(generate_tokens(model, list(range(60)), 100, temperature=0))
+    assert len(long) == 4  # context_length 64
