@@ -22,6 +22,7 @@ from typing import Iterable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from ling.chat_template import render_chat
 from ling.errors import LingError
 
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
@@ -196,6 +197,18 @@ class Tokenizer:
     @chat_template.setter
     def chat_template(self, template: str | None) -> None:
         self.config["chat_template"] = template
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """bos_token, eos_token, … as strings: the variables chat templates read."""
+        keys = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
+        return {k: _token_content(self.config[k]) for k in keys if _token_content(self.config.get(k)) is not None}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **variables) -> str:
+        """Render `messages` with this tokenizer's chat template (as transformers would)."""
+        if not self.chat_template:
+            raise LingError("this tokenizer has no chat template (tokenizer_config.json has no 'chat_template')")
+        return render_chat(self.chat_template, messages, add_generation_prompt, self.special_tokens_map, **variables)
 
     def add_special_tokens(self, tokens: list[str]) -> list[int]:
         """Add special tokens (kept whole, never split); returns their ids."""
