@@ -133,6 +133,13 @@ class Tokenizer:
         self._check_unknown(text, encoding)
         return encoding.ids
 
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's (start, end) character span in `text` — to map text
+        spans (e.g. the assistant's replies in a chat) to tokens."""
+        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        self._check_unknown(text, encoding)
+        return encoding.ids, encoding.offsets
+
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
         for text, encoding in zip(texts, encodings):
