@@ -37,7 +37,10 @@ class Command:
 
 
 # Commands are imported only when run, so `ling --help` stays fast.
-COMMANDS: dict[str, Command | dict[str, Command]] = {}
+COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "merge": Command("ling.train.lora:MergeArgs:merge", "fold a LoRA adapter into its base model"),
+    "eval": Command("ling.eval.evaluate:EvalArgs:evaluate", "loss / perplexity / bits-per-byte, or a classifier's accuracy"),
+}
 
 
 def usage() -> str:

@@ -6,6 +6,9 @@ are laid end to end in rows of up to `seq_len` tokens; each token then sees only
 tokens of its own example (`block_causal_mask`) and positions restart at 0 for each example,
 so a packed example is computed exactly as it would be alone — fewer pad tokens, same loss.
 
+Classification examples (with a `target`) batch as tokens, class labels and the index of
+each row's last token.
+
 `SFTBatches` walks the rows in a seeded order, epoch after epoch, and its position can be
 saved and restored, so a resumed run sees the same batches as an uninterrupted one.
 """
@@ -55,11 +58,26 @@ def collate(rows: list[list[Encoded]], pad_id: int, packed: bool) -> dict[str, t
     return batch
 
 
+def collate_classification(rows: list[list[Encoded]], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """A classification batch: `tokens` (B, T), class `labels` (B,), and each row's `last` real position (B,)."""
+    examples = [row[0] for row in rows]
+    T = max(len(e.tokens) for e in examples)
+    tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    for b, example in enumerate(examples):
+        tokens[b, : len(example.tokens)] = torch.tensor(example.tokens)
+    return {
+        "tokens": tokens,
+        "labels": torch.tensor([e.target for e in examples]),
+        "last": torch.tensor([len(e.tokens) - 1 for e in examples]),
+    }
+
+
 class SFTBatches:
     """Endless, seeded, resumable batches of `micro_batch` rows (reshuffled every epoch)."""
 
     def __init__(self, examples: list[Encoded], micro_batch: int, pad_id: int, seed: int = 0,
                  pack: bool = False, seq_len: int | None = None, shuffle: bool = True):
+        self.classify = examples[0].target is not None
         self.rows = pack_examples(examples, seq_len) if pack else [[e] for e in examples]
         self.micro_batch, self.pad_id, self.seed, self.pack, self.shuffle = micro_batch, pad_id, seed, pack, shuffle
         self.epoch, self.index = 0, 0
@@ -82,7 +100,10 @@ class SFTBatches:
                 self._order = self._epoch_order()
             picked.append(self.rows[self._order[self.index]])
             self.index += 1
-        return collate(picked, self.pad_id, self.pack)
+        return self._collate(picked)
+
+    def _collate(self, rows: list[list[Encoded]]) -> dict[str, torch.Tensor]:
+        return (collate_classification if self.classify else collate)(rows, self.pad_id, self.pack)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -93,5 +114,5 @@ class SFTBatches:
 
     def fixed_batches(self) -> list[dict[str, torch.Tensor]]:
         """Every row once, in order, in batches of `micro_batch` (the last may be smaller): for evaluation."""
-        return [collate(self.rows[i:i + self.micro_batch], self.pad_id, self.pack)
+        return [self._collate(self.rows[i:i + self.micro_batch])
                 for i in range(0, len(self.rows), self.micro_batch)]

@@ -64,6 +64,8 @@ class Encoded:
     tokens: list[int]
     labels: list[int]
     truncated: bool = False
+    target: int | None = None
+    """classification: the class index (then `labels` is unused)"""
 
     @property
     def n_trained(self) -> int:
@@ -124,3 +126,9 @@ def encode_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation up to where the assistant starts answering (for sampling)."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def encode_labelled(example: Example, tokenizer: Tokenizer, max_seq_len: int, classes: dict) -> Encoded:
+    """A classification example: its text's tokens (cut to `max_seq_len`) and its class index."""
+    tokens = tokenizer.encode(example.text)
+    return Encoded(tokens[:max_seq_len], [], len(tokens) > max_seq_len, target=classes[example.label])
