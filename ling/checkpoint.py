@@ -77,7 +77,8 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def load_checkpoint(path: str | Path, device="cpu", dtype: str | torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
-    """Load a ling checkpoint directory or a Hugging Face model directory (converted on the fly)."""
+    """Load a ling checkpoint directory, a Hugging Face model directory (converted on the fly), or a
+    LoRA adapter directory (its base with the adapter merged in)."""
     path = Path(path)
     if not path.exists():
         raise LingError(f"{path}: no such checkpoint directory")
@@ -87,6 +88,10 @@ def load_checkpoint(path: str | Path, device="cpu", dtype: str | torch.dtype | N
         from ling.hf import load_hf_checkpoint
 
         return load_hf_checkpoint(path, device=device, dtype=dtype)
+    from ling.train.lora import is_adapter_dir, load_with_adapter
+
+    if is_adapter_dir(path):  # a LoRA run's output: its base, with the adapter merged in
+        return load_with_adapter(path, device=device, dtype=dtype)
     if not (path / "config.json").exists():
         raise LingError(f"{path}: missing config.json — is this a checkpoint directory?")
     cfg = ModelConfig.load(path / "config.json")

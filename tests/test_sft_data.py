@@ -222,12 +222,12 @@ def test_pack_and_collate_layout():
     rows = pack_examples(examples, seq_len=8)
     assert [[len(e.tokens) for e in row] for row in rows] == [[3, 4], [5, 2]]
     batch = collate(rows, pad_id=0, packed=True)
-    assert batch["positions"].tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1]]
-    mask = batch["mask"][0, 0]
+    assert batch.positions.tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1]]
+    mask = batch.mask[0, 0]
     assert mask[4].tolist() == [False, False, False, True, True, False, False]  # 2nd example sees only itself
     unpacked = collate([[e] for e in examples], pad_id=0, packed=False)
-    assert set(unpacked) == {"tokens", "labels"} and unpacked["tokens"].shape == (4, 5)
-    assert unpacked["labels"][3].tolist() == examples[3].labels + [IGNORE] * 3
+    assert unpacked.positions is None and unpacked.mask is None and unpacked.tokens.shape == (4, 5)
+    assert unpacked.labels[3].tolist() == examples[3].labels + [IGNORE] * 3
 
 
 def test_packing_isolates_examples_and_restarts_positions():
@@ -239,8 +239,8 @@ def test_packing_isolates_examples_and_restarts_positions():
         changed[1] = _encoded([6], seed=5)[0]
         batch2 = collate(pack_examples(changed, 16), pad_id=0, packed=True)
         with torch.no_grad():
-            a = model(batch["tokens"], batch["positions"], batch["mask"])
-            b = model(batch2["tokens"], batch2["positions"], batch2["mask"])
+            a = model(batch.tokens, batch.positions, batch.mask)
+            b = model(batch2.tokens, batch2.positions, batch2.mask)
             alone = model(torch.tensor([examples[2].tokens]))
         torch.testing.assert_close(a[:, :5], b[:, :5], rtol=0, atol=1e-6)
         torch.testing.assert_close(a[:, 12:16], b[:, 11:15], rtol=0, atol=1e-6)
@@ -250,17 +250,22 @@ def test_packing_isolates_examples_and_restarts_positions():
 def test_sft_batches_are_seeded_and_resumable():
     examples = _encoded([3] * 10)
     batches = SFTBatches(examples, micro_batch=3, pad_id=0, seed=1)
-    first = [next(batches)["tokens"] for _ in range(5)]  # crosses an epoch boundary
+    first = [b.tokens for _ in range(5) for b in batches.next_step()]  # crosses an epoch boundary
     resumed = SFTBatches(examples, micro_batch=3, pad_id=0, seed=1)
     for _ in range(2):
-        next(resumed)
-    state = resumed.state_dict()
+        resumed.next_step()
     again = SFTBatches(examples, micro_batch=3, pad_id=0, seed=1)
-    again.load_state_dict(state)
+    again.load_state_dict(resumed.state_dict())
     for expected in first[2:]:
-        assert torch.equal(next(again)["tokens"], expected)
+        assert torch.equal(again.next_step()[0].tokens, expected)
     epoch = torch.cat(first[:4])[:10]
     assert sorted(map(tuple, epoch.tolist())) == sorted(tuple(e.tokens) for e in examples)
+    # two processes with accumulation 2 split the same four micro-batches of each step
+    ranks = [SFTBatches(examples, 3, 0, seed=1, accumulation=2, rank=r, world_size=2) for r in (0, 1)]
+    one = SFTBatches(examples, 3, 0, seed=1, accumulation=4)
+    for _ in range(3):
+        r0, r1 = (r.next_step() for r in ranks)
+        assert [b.tokens.tolist() for b in one.next_step()] == [b.tokens.tolist() for b in (r0[0], r1[0], r0[1], r1[1])]
 
 
 # ---- synthetic tasks ----------------------------------------------------------------------

@@ -21,12 +21,10 @@ import re
 from dataclasses import dataclass
 
 from ling.chat_template import render_chat_with_spans
+from ling.data.batch import IGNORE_INDEX as IGNORE
 from ling.data.sft import Example
 from ling.errors import LingError
 from ling.tokenizer import Tokenizer
-
-IGNORE = -100
-"""Label of a position the loss skips (PyTorch cross_entropy's ignore_index)."""
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 CHATML_TEMPLATE = (
@@ -64,8 +62,6 @@ class Encoded:
     tokens: list[int]
     labels: list[int]
     truncated: bool = False
-    target: int | None = None
-    """classification: the class index (then `labels` is unused)"""
 
     @property
     def n_trained(self) -> int:
@@ -129,6 +125,9 @@ def encode_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
 
 
 def encode_labelled(example: Example, tokenizer: Tokenizer, max_seq_len: int, classes: dict) -> Encoded:
-    """A classification example: its text's tokens (cut to `max_seq_len`) and its class index."""
+    """A classification example: its text's tokens (cut to `max_seq_len`), labelled with the
+    class index at the last token (the one that has read the whole text) and IGNORE elsewhere —
+    so batching, packing and the trainer's loss treat it like any other example."""
     tokens = tokenizer.encode(example.text)
-    return Encoded(tokens[:max_seq_len], [], len(tokens) > max_seq_len, target=classes[example.label])
+    kept = tokens[:max_seq_len]
+    return Encoded(kept, [IGNORE] * (len(kept) - 1) + [classes[example.label]], len(tokens) > max_seq_len)

@@ -26,7 +26,9 @@ from ling.checkpoint import load_checkpoint
 from ling.data.sft import DataFormat, read_examples
 from ling.data.sft_batches import SFTBatches
 from ling.data.sft_encode import Encoded, encode_example, encode_labelled
+from ling.device import pick_device
 from ling.errors import LingError
+from ling.eval.exact_match import answer_all, reply_prompts
 from ling.eval.metrics import score_classifier, score_lm, text_windows
 from ling.model import autocast_context
 from ling.train.heads import is_classifier_dir, load_classifier
@@ -58,18 +60,13 @@ class EvalArgs:
     device: str = "auto"
     """cuda, mps or cpu (auto picks the first available)"""
     precision: Literal["fp32", "bf16"] = "fp32"
+    exact_match: bool = False
+    """chat/instruction data: also answer each prompt greedily and report the share of answers
+    equal to the reference reply"""
+    max_new_tokens: int = 128
+    """--exact-match: longest answer generated"""
     out: Optional[str] = None
     """also write the results to this JSON file"""
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def _dataset_tokens(directory: Path, split: str) -> np.ndarray:
@@ -128,8 +125,13 @@ def _score_chat(model, tokenizer, records, args: EvalArgs, seq_len: int, pad: in
     examples = [encode_example(e, tokenizer, seq_len) for e in records.examples]
     batches = SFTBatches(examples, args.batch_size, pad, shuffle=False).fixed_batches()
     score = score_lm(model, tqdm(batches, desc="eval"), device, autocast)
-    return {"task": "sft", "examples": len(examples), "tokens": score.tokens, "loss": score.loss,
-            "perplexity": score.perplexity}
+    scores = {"task": "sft", "examples": len(examples), "tokens": score.tokens, "loss": score.loss,
+              "perplexity": score.perplexity}
+    if args.exact_match:
+        prompts = reply_prompts(records.examples, tokenizer, seq_len)
+        scores["exact_match"], _ = answer_all(model, tokenizer, prompts, args.max_new_tokens, autocast, progress=True)
+        scores["answered"] = len(prompts)
+    return scores
 
 
 def evaluate(args: EvalArgs) -> dict:

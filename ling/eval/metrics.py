@@ -14,15 +14,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from ling.data.sft_encode import IGNORE
-
-
-def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token negative log-likelihood (nats) over labelled positions, and their count."""
-    logits = model(batch["tokens"], batch.get("positions"), batch.get("mask"))
-    labels = batch["labels"]
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return nll, int((labels != IGNORE).sum())
+from ling.data.batch import IGNORE_INDEX, Batch
+from ling.train.trainer import lm_loss
 
 
 @dataclass
@@ -44,28 +37,29 @@ class LMScore:
 
 
 @torch.no_grad()
-def score_lm(model, batches: Iterable[dict[str, torch.Tensor]], device, autocast) -> LMScore:
+def score_lm(model, batches: Iterable[Batch], device, autocast) -> LMScore:
     """Loss over every labelled position of `batches` (LM text, or assistant tokens of chats)."""
     score = LMScore()
     for batch in batches:
         with autocast:
-            nll, n = token_nll(model, {k: v.to(device) for k, v in batch.items()})
-        score.nll += float(nll)
-        score.tokens += n
+            score.nll += float(lm_loss(model, batch.to(device)))
+        score.tokens += batch.num_targets
     return score
 
 
 @torch.no_grad()
-def score_classifier(model, batches: Iterable[dict[str, torch.Tensor]], device, autocast) -> tuple[float, float, int]:
-    """(mean cross-entropy, accuracy, examples) of a `SequenceClassifier`."""
+def score_classifier(model, batches: Iterable[Batch], device, autocast) -> tuple[float, float, int]:
+    """(mean cross-entropy, accuracy, examples) of a `SequenceClassifier` (labels at each example's last token)."""
     nll, correct, n = 0.0, 0, 0
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = batch.to(device)
         with autocast:
-            logits = model(batch["tokens"], batch["last"]).float()
-        nll += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        n += len(batch["labels"])
+            logits = model(batch.tokens, batch.positions, batch.mask).float()
+        counted = batch.labels != IGNORE_INDEX
+        logits, labels = logits[counted], batch.labels[counted]
+        nll += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        n += len(labels)
     return nll / max(n, 1), correct / max(n, 1), n
 
 

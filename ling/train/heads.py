@@ -1,8 +1,9 @@
 """Task heads: a pretrained transformer reused as a sequence classifier.
 
-`SequenceClassifier` reads the final hidden state of each sequence's last real token (the
-only position that has seen the whole text in a causal model) and maps it to class logits
-with one linear layer, `score` — the LM head is not used. Saved as a normal checkpoint
+`SequenceClassifier` maps final hidden states to class logits with one linear layer,
+`score`, in place of the LM head. Only each example's last token (the one position that has
+read the whole text in a causal model) carries a label, so the trainer's ordinary loss over
+labelled positions is the classification cross-entropy, and packing works unchanged. Saved as a normal checkpoint
 directory (so the body stays loadable everywhere) plus `head.safetensors` (`score.weight`)
 and `head.json` (task and label names), which `ling eval` recognises.
 """
@@ -16,16 +17,14 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from ling.checkpoint import save_model_dir
 from ling.errors import LingError
 from ling.model import Transformer
-from ling.tokenizer import Tokenizer
 
 HEAD_CONFIG, HEAD_WEIGHTS = "head.json", "head.safetensors"
 
 
 class SequenceClassifier(nn.Module):
-    """Class logits (B, n_classes) from the hidden state at `last` (B,), each row's final token."""
+    """Class logits (B, T, n_classes) at every position; the last token's are the prediction."""
 
     def __init__(self, body: Transformer, labels: list):
         super().__init__()
@@ -38,14 +37,21 @@ class SequenceClassifier(nn.Module):
     def cfg(self):
         return self.body.cfg
 
-    def forward(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        hidden = self.body.hidden_states(tokens)
-        return self.score(hidden[torch.arange(tokens.shape[0], device=tokens.device), last])
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.body.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: bool) -> None:
+        self.body.activation_checkpointing = value
+
+    def forward(self, tokens: torch.Tensor, positions=None, mask=None) -> torch.Tensor:
+        return self.score(self.body.hidden_states(tokens, positions, mask))
 
 
-def save_classifier(model: SequenceClassifier, tokenizer: Tokenizer | None, directory: str | Path) -> None:
+def save_head(model: SequenceClassifier, directory: str | Path) -> None:
+    """Write head.json and head.safetensors (the body is saved as a checkpoint or adapter beside them)."""
     directory = Path(directory)
-    save_model_dir(model.body, tokenizer, directory)
     save_file({"score.weight": model.score.weight.detach().float().contiguous().cpu()}, str(directory / HEAD_WEIGHTS))
     (directory / HEAD_CONFIG).write_text(json.dumps({"task": "classification", "labels": model.labels}, indent=2) + "\n")
 
@@ -54,18 +60,27 @@ def is_classifier_dir(path: str | Path) -> bool:
     return (Path(path) / HEAD_CONFIG).exists()
 
 
-def load_classifier(body: Transformer, directory: str | Path) -> SequenceClassifier:
-    """Attach the head saved in `directory` to `body` (its transformer, already loaded)."""
-    directory = Path(directory)
+def _read_head(directory: Path) -> tuple[list, torch.Tensor]:
     try:
         config = json.loads((directory / HEAD_CONFIG).read_text())
-        weight = load_file(str(directory / HEAD_WEIGHTS))["score.weight"]
+        return config["labels"], load_file(str(directory / HEAD_WEIGHTS))["score.weight"]
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise LingError(f"{directory}: broken classification head ({HEAD_CONFIG} / {HEAD_WEIGHTS}: {e})") from None
-    model = SequenceClassifier(body, config["labels"])
-    if tuple(weight.shape) != tuple(model.score.weight.shape):
-        raise LingError(f"{directory / HEAD_WEIGHTS}: score.weight has shape {tuple(weight.shape)}, "
-                        f"expected {tuple(model.score.weight.shape)}")
+
+
+def load_head_weights(model: SequenceClassifier, directory: str | Path) -> None:
+    """Copy a saved head into `model`'s (in place: an optimizer keeps its reference)."""
+    directory = Path(directory)
+    labels, weight = _read_head(directory)
+    if labels != model.labels or tuple(weight.shape) != tuple(model.score.weight.shape):
+        raise LingError(f"{directory}: the saved head has classes {labels}, this model {model.labels}")
     with torch.no_grad():
         model.score.weight.copy_(weight)
+
+
+def load_classifier(body: Transformer, directory: str | Path) -> SequenceClassifier:
+    """Attach the head saved in `directory` to `body` (its transformer, already loaded)."""
+    labels, _ = _read_head(Path(directory))
+    model = SequenceClassifier(body, labels)
+    load_head_weights(model, directory)
     return model
