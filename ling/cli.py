@@ -37,7 +37,9 @@ class Command:
 
 
 # Commands are imported only when run, so `ling --help` stays fast.
-COMMANDS: dict[str, Command | dict[str, Command]] = {}
+COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "prepare": Command("ling.data.prepare:PrepareArgs:prepare", "tokenize text, jsonl, parquet or URLs into a dataset directory"),
+}
 
 
 def usage() -> str:
