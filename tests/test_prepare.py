@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 
 from ling.data.dataset import open_dataset
 from ling.data.download import cached_path
@@ -93,7 +95,8 @@ def corpus_dir(tmp_path):
     return d
 
 
-EXPECTED_DOCS = ["first file\nline two\n", "# Title\n\nmarkdown body 你好", "json one", "json two 🎉", "parquet row", "row two"]
+EXPECTED_DOCS = ["first file\nline two\n", "# Title\n\nmarkdown body 你好", "json one", "json two 🎉",
+                 "parquet row", "row two"]
 
 
 def test_directory_reads_every_format_in_sorted_order(tmp_path, corpus_dir):
@@ -162,7 +165,8 @@ def test_url_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
 
 # ---- split rules and determinism -------------------------------------------------------------
 def many_documents(tmp_path, n):
-    return write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document number {i}: " + "abc " * (i % 7)} for i in range(n)])
+    records = [{"text": f"document number {i}: " + "abc " * (i % 7)} for i in range(n)]
+    return write_jsonl(tmp_path / "docs.jsonl", records)
 
 
 def test_many_documents_split_by_whole_documents(tmp_path):
@@ -294,6 +298,7 @@ def bad_inputs(tmp_path):
     Tokenizer.train_char(["abc"]).save(tmp_path / "abc-tokenizer")
     (tmp_path / "abcd.txt").write_text("abcd")
     (tmp_path / "notes.csv").write_text("a,b\n")
+    HFTokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[])).save(str(tmp_path / "no-eos.json"))
 
 
 BAD_CASES = {
@@ -305,10 +310,13 @@ BAD_CASES = {
     "non-text column": (["--input", "intcolumn.parquet"], "intcolumn.parquet: column 'text' holds int64, not text"),
     "corrupt parquet": (["--input", "broken.parquet"], "broken.parquet: not a readable parquet file"),
     "not utf-8": (["--input", "latin1.txt"], "latin1.txt: not UTF-8 text (invalid byte at offset 3)"),
-    "unsupported type": (["--input", "abcd.txt", "notes.csv"], "notes.csv: unsupported file type '.csv' (supported: .txt, .md, .jsonl, .parquet)"),
+    "unsupported type": (["--input", "abcd.txt", "notes.csv"],
+                         "notes.csv: unsupported file type '.csv' (supported: .txt, .md, .jsonl, .parquet)"),
     "char outside the given tokenizer": (["--input", "abcd.txt", "--tokenizer", "abc-tokenizer"],
                                          "abcd.txt: text contains characters outside this char-level vocabulary: "
                                          "'d' (U+0064) at offset 3"),
+    "tokenizer without eos": (["--input", "abcd.txt", "--tokenizer", "no-eos.json"],
+                              "--tokenizer no-eos.json: the tokenizer has no eos token"),
     "bad tokenizer": (["--input", "abcd.txt", "--tokenizer", "wordpiece"], "--tokenizer wordpiece: not 'char', 'bpe'"),
     "vocab size for char": (["--input", "abcd.txt", "--vocab-size", "300"], "--vocab-size applies to --tokenizer bpe"),
     "val fraction": (["--input", "abcd.txt", "--val-fraction", "1.0"], "--val-fraction must be in [0, 1)"),
@@ -361,3 +369,19 @@ def test_an_error_while_training_bpe_names_the_line(tmp_path):
     with pytest.raises(LingError, match=r"bad.jsonl:2: field 'text' is int, expected a string"):
         run(tmp_path, [tmp_path / "bad.jsonl"], tokenizer="bpe", vocab_size=300)
     assert list(tmp_path.iterdir()) == [tmp_path / "bad.jsonl"]
+
+
+def test_overwrite_never_replaces_the_inputs(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("precious")
+    with pytest.raises(LingError, match="holds the input"):
+        run(tmp_path, [tmp_path / "corpus"], name="corpus", overwrite=True)
+    assert (tmp_path / "corpus" / "a.txt").read_text() == "precious"
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "x.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(LingError, match=r"x.parquet: reading .parquet needs pyarrow: pip install 'ling\[data\]'"):
+        run(tmp_path, [tmp_path / "x.parquet"])

@@ -79,27 +79,26 @@ def prepare(args: PrepareArgs) -> dict:
         raise LingError(f"{output} already exists; pass --overwrite to replace it")
     given = None if args.tokenizer in ("char", "bpe") else _load_tokenizer(args.tokenizer)
     sources = resolve_inputs(args.input, args.builtin)
+    for source in sources:  # --overwrite must never replace the corpus itself
+        if source.path is not None and output.resolve() in source.path.resolve().parents:
+            raise LingError(f"--output {output} holds the input {source.name}; write the dataset elsewhere")
     total_bytes = sum(s.size for s in sources)
 
     tokenizer, documents = _first_pass(sources, args, given, total_bytes)
     n_documents = sum(documents)
     if n_documents == 0:
         raise LingError(f"no text to prepare: every input is empty ({', '.join(s.name for s in sources)})")
-    if tokenizer.eos_id is None:
-        raise LingError(f"{args.tokenizer}: the tokenizer has no eos token, which separates documents; "
-                        "set 'eos_token' in its tokenizer_config.json")
     dtype = token_dtype(tokenizer.vocab_size)
     n_val_documents = round(n_documents * args.val_fraction)
-    by_documents = n_val_documents >= MIN_VAL_DOCUMENTS
+    by_documents = MIN_VAL_DOCUMENTS <= n_val_documents < n_documents
     val_documents = _pick_documents(n_documents, n_val_documents, args.seed) if by_documents else None
 
     with atomic_dir(output, overwrite=args.overwrite) as directory:
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
-            writer = _SplitWriter(directory, dtype, tokenizer, val_documents, bar)
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar, \
+                _SplitWriter(directory, dtype, tokenizer, val_documents, bar) as writer:
             pieces = (piece for source in sources for piece in _read(source, args))
             for batch in _batches(pieces, args.chunk_size):
                 writer.write(batch)
-            writer.close()
         tokens = writer.tokens
         if not by_documents:
             n_train = int(tokens["train"] * (1 - args.val_fraction))
@@ -136,7 +135,11 @@ def _check_args(args: PrepareArgs) -> None:
 def _load_tokenizer(path: str) -> Tokenizer:
     if not Path(path).exists():
         raise LingError(f"--tokenizer {path}: not 'char', 'bpe', or an existing tokenizer.json file or directory")
-    return Tokenizer.load(path)
+    tokenizer = Tokenizer.load(path)
+    if tokenizer.eos_id is None:
+        raise LingError(f"--tokenizer {path}: the tokenizer has no eos token, which separates documents; "
+                        "set 'eos_token' in its tokenizer_config.json")
+    return tokenizer
 
 
 def _read(source: Source, args: PrepareArgs) -> Iterator[Piece]:
@@ -154,7 +157,8 @@ def _first_pass(sources, args, given: Tokenizer | None, total_bytes: int) -> tup
                 bar.update(piece.nbytes)
                 yield piece.text
 
-    desc = {"char": "reading (char vocabulary)", "bpe": "reading (training BPE)"}.get(args.tokenizer, "counting documents")
+    desc = {"char": "reading (char vocabulary)", "bpe": "reading (training BPE)"}
+    desc = desc.get(args.tokenizer, "counting documents")
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc) as bar:
         if args.tokenizer == "char":
             tokenizer = Tokenizer.train_char(texts(bar))
@@ -225,7 +229,10 @@ class _SplitWriter:
                     raise LingError(f"{piece.where}: {e}{relative}") from None
             raise
 
-    def close(self) -> None:
+    def __enter__(self) -> "_SplitWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
         for f in self.files.values():
             f.close()
 

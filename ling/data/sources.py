@@ -169,7 +169,7 @@ def split_text(text: str, max_chars: int) -> Iterator[str]:
 
 def _document(text: str, max_chars: int, nbytes: int, where: str) -> Iterator[Piece]:
     """One in-memory document as pieces; the first carries the input bytes it came from."""
-    pieces = list(split_text(text, max_chars)) if len(text) > max_chars else [text]
+    pieces = list(split_text(text, max_chars))
     start = 0
     for i, piece in enumerate(pieces):
         yield Piece(piece, i == len(pieces) - 1, nbytes if i == 0 else 0, where, start)
@@ -188,7 +188,8 @@ def _read_text(path: Path, max_chars: int) -> Iterator[Piece]:
             try:
                 text = carry + decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
-                raise LingError(f"{path}: not UTF-8 text (invalid byte at offset {offset - pending + e.start})") from None
+                where = offset - pending + e.start
+                raise LingError(f"{path}: not UTF-8 text (invalid byte at offset {where})") from None
             offset += len(block)
             if not block:
                 if offset:  # an empty file is no document
