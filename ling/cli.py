@@ -38,6 +38,7 @@ class Command:
 
 # Commands are imported only when run, so `ling --help` stays fast.
 COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "prepare": Command("ling.data.prepare:PrepareArgs:prepare", "tokenize text, jsonl, parquet or URLs into a dataset directory"),
     "finetune": Command("ling.train.finetune:FinetuneArgs:finetune", "fine-tune a model: full or LoRA, chat/instruction SFT or a task head"),
     "merge": Command("ling.train.lora:MergeArgs:merge", "fold a LoRA adapter into its base model"),
     "eval": Command("ling.eval.evaluate:EvalArgs:evaluate", "loss / perplexity / bits-per-byte, or a classifier's accuracy"),

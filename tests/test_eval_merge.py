@@ -5,7 +5,6 @@ import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +12,8 @@ import torch.nn.functional as F
 from ling import cli
 from ling.checkpoint import load_checkpoint, save_model_dir
 from ling.config import ModelConfig
+from ling.data.dataset import open_dataset
+from ling.data.prepare import PrepareArgs, prepare
 from ling.data.sft_encode import install_chatml
 from ling.eval.evaluate import EvalArgs, evaluate
 from ling.model import build_model
@@ -53,13 +54,13 @@ def test_text_metrics_are_exact(checkpoint, tmp_path):
     # the same text as JSONL {"text"} records and as a prepared dataset directory
     (tmp_path / "t.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
     assert evaluate(EvalArgs(str(path), str(tmp_path / "t.jsonl"), device="cpu"))["loss"] == pytest.approx(result["loss"], rel=1e-6)
-    data = tmp_path / "dataset"
-    data.mkdir()
-    np.array(ids, dtype=np.uint16).tofile(data / "val.bin")
-    (data / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
-    from_dir = evaluate(EvalArgs(str(path), str(data), device="cpu", out=str(tmp_path / "r.json")))
-    assert from_dir["loss"] == pytest.approx(result["loss"], rel=1e-6)
-    assert json.loads((tmp_path / "r.json").read_text())["tokens"] == len(ids) - 1
+    # a dataset directory from `ling prepare`: its val split
+    (tmp_path / "corpus.txt").write_text(TEXT * 4)
+    prepare(PrepareArgs(output=str(tmp_path / "dataset"), tokenizer=str(path), input=[str(tmp_path / "corpus.txt")]))
+    val = open_dataset(tmp_path / "dataset").val.tolist()
+    from_dir = evaluate(EvalArgs(str(path), str(tmp_path / "dataset"), device="cpu", out=str(tmp_path / "r.json")))
+    assert from_dir["loss"] == pytest.approx(_window_nll(model, val, 32) / (len(val) - 1), rel=1e-5)
+    assert json.loads((tmp_path / "r.json").read_text())["tokens"] == len(val) - 1
 
 
 def test_chat_data_scores_only_the_replies(checkpoint, tmp_path):

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
-import torch
 import tyro
 from tqdm import tqdm
 
 from ling.atomic import atomic_file
 from ling.checkpoint import load_checkpoint
+from ling.data.dataset import open_dataset
 from ling.data.sft import DataFormat, read_examples
 from ling.data.sft_batches import SFTBatches
 from ling.data.sft_encode import Encoded, encode_example, encode_labelled
@@ -69,17 +68,12 @@ class EvalArgs:
     """also write the results to this JSON file"""
 
 
-def _dataset_tokens(directory: Path, split: str) -> np.ndarray:
-    meta_file = directory / "meta.json"
-    try:
-        meta = json.loads(meta_file.read_text())
-        dtype = np.dtype(meta["dtype"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise LingError(f"{meta_file}: not a readable dataset meta.json ({e}); run 'ling prepare' to make one") from None
-    path = directory / f"{split}.bin"
-    if not path.exists():
-        raise LingError(f"{path}: missing; this dataset directory has no {split} split")
-    return np.memmap(path, dtype=dtype, mode="r")
+def _dataset_ids(path: Path, split: str, model_vocab: int, limit: int | None) -> list[int]:
+    dataset = open_dataset(path)
+    if dataset.meta["vocab_size"] > model_vocab:
+        raise LingError(f"{path} was tokenized with a {dataset.meta['vocab_size']}-token vocabulary, larger than "
+                        f"this model's {model_vocab}: it is not this model's data")
+    return getattr(dataset, split)[:limit].tolist()
 
 
 def _text_ids(texts: list[str], tokenizer) -> list[int]:
@@ -150,7 +144,7 @@ def evaluate(args: EvalArgs) -> dict:
     if is_classifier_dir(args.checkpoint):
         scores = _score_classifier(model, tokenizer, *common)
     elif data.is_dir():
-        scores = _score_text(model, tokenizer, _dataset_tokens(data, args.split)[: args.max_tokens].tolist(), *common)
+        scores = _score_text(model, tokenizer, _dataset_ids(data, args.split, model.cfg.vocab_size, args.max_tokens), *common)
     elif data.suffix == ".txt":
         scores = _score_text(model, tokenizer, _text_ids([data.read_text(encoding="utf-8")], tokenizer)[: args.max_tokens], *common)
     else:
