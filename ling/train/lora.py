@@ -50,6 +50,7 @@ class LoRAConfig:
     """LoRA hyper-parameters (used with --method lora)."""
 
     rank: int = 8
+    """rank r of each update B·A (B: out × r, A: r × in)"""
     alpha: float = 16.0
     """the update is scaled by alpha / rank"""
     dropout: float = 0.05
