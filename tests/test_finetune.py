@@ -113,6 +113,15 @@ def test_classification_head_reaches_full_accuracy_and_evaluates(base, tmp_path)
     result = evaluate(EvalArgs(str(tmp_path / "cls" / "latest"), str(tmp_path / "c.jsonl"), device="cpu"))
     assert (result["task"], result["examples"], result["accuracy"]) == ("classification", 64, 1.0)
     assert result["loss"] == pytest.approx(last_eval["val_loss"], rel=1e-4)
+    # LoRA + head: the adapter directory and its merge evaluate alike
+    lora = dataclasses.replace(args, out=str(tmp_path / "cls-lora"), method="lora",
+                               train=dataclasses.replace(args.train, max_steps=4, eval_every=4))
+    run_finetune(lora, show_summary=False)
+    assert cli.main(["merge", "--adapter", str(tmp_path / "cls-lora" / "latest"), "--out", str(tmp_path / "merged")]) == 0
+    scores = [evaluate(EvalArgs(str(p), str(tmp_path / "c.jsonl"), device="cpu"))
+              for p in (tmp_path / "cls-lora" / "latest", tmp_path / "merged")]
+    assert scores[0]["accuracy"] == scores[1]["accuracy"]
+    assert scores[0]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-5)
 
 
 def test_bad_inputs_are_one_line_errors(base, tmp_path, capsys):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -316,6 +317,7 @@ class MergeArgs:
 def merge(args: MergeArgs) -> None:
     from ling.atomic import atomic_dir
     from ling.checkpoint import save_model_dir
+    from ling.train.heads import HEAD_CONFIG, HEAD_WEIGHTS
 
     if not is_adapter_dir(args.adapter):
         raise LingError(f"{args.adapter}: no {ADAPTER_CONFIG} here — give the output directory of a LoRA run")
@@ -324,4 +326,7 @@ def merge(args: MergeArgs) -> None:
     model, tokenizer = load_with_adapter(args.adapter, args.base, dtype=args.dtype)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         save_model_dir(model, tokenizer, tmp)
+        for name in (HEAD_CONFIG, HEAD_WEIGHTS):  # a classifier's head stays beside its body
+            if (Path(args.adapter) / name).exists():
+                shutil.copyfile(Path(args.adapter) / name, tmp / name)
     print(f"merged {args.adapter} into its base: {model.num_params():,} parameters written to {args.out}")
