@@ -37,7 +37,12 @@ class Command:
 
 
 # Commands are imported only when run, so `ling --help` stays fast.
-COMMANDS: dict[str, Command | dict[str, Command]] = {}
+COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "convert": {
+        "from-hf": Command("ling.hf.convert:FromHFArgs:from_hf", "Hugging Face model directory → ling checkpoint"),
+        "to-hf": Command("ling.hf.convert:ToHFArgs:to_hf", "ling checkpoint → Hugging Face model directory"),
+    },
+}
 
 
 def usage() -> str:
