@@ -128,7 +128,7 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-COPY_CHUNK_BYTES = 64 << 20
+COPY_CHUNK_BYTES = 16 << 20
 """Tensors are copied out of the file in slices of about this size, each released right after."""
 
 

@@ -24,14 +24,18 @@ from tests.hf_models import VARIANTS, ling_logits, max_diff_over_valid, padded_b
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
-# Native ling configs, one per family they should export as.
+# Native ling configs and the HF architecture each must export as.
 NATIVE = {
-    "LlamaForCausalLM": ModelConfig.from_name("tiny", vocab_size=300),
-    "GPT2LMHeadModel": ModelConfig(vocab_size=300, context_length=64, n_layer=2, n_embd=32, n_head=4, bias="all",
-                                   tie_embeddings=False),
-    "Qwen2ForCausalLM": ModelConfig.from_name("tiny", vocab_size=300, bias="qkv"),
-    "Qwen3ForCausalLM": ModelConfig.from_name("tiny", vocab_size=300, qk_norm=True, head_dim=16, tie_embeddings=False,
-                                              rope_scaling=RopeScaling(factor=8.0, original_context_length=16)),
+    "llama-like": ("LlamaForCausalLM", ModelConfig.from_name("tiny", vocab_size=300)),
+    "gpt2-like-untied": ("GPT2LMHeadModel", ModelConfig(vocab_size=300, context_length=64, n_layer=2, n_embd=32,
+                                                        n_head=4, bias="all", tie_embeddings=False)),
+    # nanoGPT's bias=False, as the shakespeare-char preset: GPT-2 with zero biases.
+    "gpt2-like-without-biases": ("GPT2LMHeadModel", ModelConfig(vocab_size=300, context_length=64, n_layer=2,
+                                                                n_embd=32, n_head=4, norm_bias=False, bias="none")),
+    "qwen2-like": ("Qwen2ForCausalLM", ModelConfig.from_name("tiny", vocab_size=300, bias="qkv")),
+    "qwen3-like": ("Qwen3ForCausalLM", ModelConfig.from_name(
+        "tiny", vocab_size=300, qk_norm=True, head_dim=16, tie_embeddings=False,
+        rope_scaling=RopeScaling(factor=8.0, original_context_length=16))),
 }
 
 
@@ -47,9 +51,10 @@ def tokenizer():
     return tok
 
 
-@pytest.mark.parametrize("architecture", list(NATIVE))
-def test_native_model_exports_to_a_directory_transformers_loads_with_equal_logits(tmp_path, tokenizer, architecture):
-    ours = build_model(NATIVE[architecture]).eval()
+@pytest.mark.parametrize("case", list(NATIVE))
+def test_native_model_exports_to_a_directory_transformers_loads_with_equal_logits(tmp_path, tokenizer, case):
+    architecture, cfg = NATIVE[case]
+    ours = build_model(cfg).eval()
     save_model_dir(ours, tokenizer, tmp_path / "ckpt")
     to_hf(ToHFArgs(str(tmp_path / "ckpt"), str(tmp_path / "hf")))
 
@@ -234,14 +239,14 @@ def test_to_hf_of_a_model_matching_no_family_names_the_closest(tmp_path):
                          "needs mlp='swiglu'")
 
 
-def test_cli_round_trip_prints_a_summary(tmp_path):
+def test_cli_round_trip_with_dtype_flags_prints_a_summary(tmp_path, capsys):
     save_hf_model("qwen3-qk-norm", tmp_path / "orig")
-    proc = run_ling("convert", "from-hf", tmp_path / "orig", tmp_path / "ling", "--dtype", "bf16")
-    assert proc.returncode == 0, proc.stderr
-    assert "ling checkpoint (qwen3" in proc.stdout and "bfloat16" in proc.stdout
-    proc = run_ling("convert", "to-hf", tmp_path / "ling", tmp_path / "back", "--dtype", "fp32")
-    assert proc.returncode == 0, proc.stderr
-    assert "Qwen3ForCausalLM" in proc.stdout
+    assert cli.main(["convert", "from-hf", str(tmp_path / "orig"), str(tmp_path / "ling"), "--dtype", "bf16"]) == 0
+    assert "ling checkpoint (qwen3" in capsys.readouterr().out
+    assert cli.main(["convert", "to-hf", str(tmp_path / "ling"), str(tmp_path / "back"), "--dtype", "fp32"]) == 0
+    summary = capsys.readouterr().out
+    assert "Qwen3ForCausalLM" in summary and "float32" in summary
+    assert {t.dtype for t in stored_tensors(tmp_path / "back").values()} == {torch.float32}
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):

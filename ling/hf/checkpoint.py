@@ -20,7 +20,7 @@ from ling.checkpoint import SafetensorsFiles, load_tensors, resolve_dtype
 from ling.config import ModelConfig
 from ling.errors import LingError
 from ling.hf import gpt2, llama, mistral, qwen2, qwen3
-from ling.hf.family import Family
+from ling.hf.family import Family, parameter_shapes
 from ling.model import Transformer, build_model
 from ling.tokenizer import Tokenizer
 
@@ -118,7 +118,8 @@ def export_family(cfg: ModelConfig) -> Family:
 
 def hf_config(family: Family, model: Transformer, tokenizer: Tokenizer | None) -> dict:
     dtype = next(model.parameters()).dtype
-    ids = {}
+    # Unknown ids are written as null: absent, transformers would assume its own defaults (GPT-2's 50256).
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer is not None:
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     return {
@@ -131,12 +132,16 @@ def hf_config(family: Family, model: Transformer, tokenizer: Tokenizer | None) -
 
 
 def hf_tensors(family: Family, model: Transformer):
-    """Yield (HF name, tensor) in weight-map order: fused q/k/v split, Conv1D weights transposed."""
+    """Yield (HF name, tensor) in weight-map order: fused q/k/v split, Conv1D weights transposed,
+    and zeros for what the family always stores but this model does not have."""
     params = dict(model.state_dict())
-    for name, sources in family.weight_map(model.cfg).items():
+    stored = family.as_stored(model.cfg)
+    shapes = parameter_shapes(stored)
+    for name, sources in family.weight_map(stored).items():
+        tensor = params[name] if name in params else torch.zeros(shapes[name], dtype=model.embed.weight.dtype)
         row = 0
         for source in sources:
-            piece = params[name][row : row + source.rows]
+            piece = tensor[row : row + source.rows]
             yield source.name, (piece.t() if source.transposed else piece)
             row += source.rows
 

@@ -86,6 +86,8 @@ def from_hf(args: FromHFArgs) -> None:
     print(f"wrote {out}: ling checkpoint ({model.cfg.name}, {model.num_params() / 1e6:.1f}M parameters, "
           f"{str(dtype).removeprefix('torch.')}, {_size_text(_weights_bytes(model))}) "
           f"in {time.perf_counter() - start:.1f}s")
+    if tokenizer is None:
+        print(f"note: {source} has no tokenizer.json, so the checkpoint has no tokenizer")
 
 
 def to_hf(args: ToHFArgs) -> None:

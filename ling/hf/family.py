@@ -40,6 +40,9 @@ class Family:
     """ling module name → HF module name(s)"""
     conv1d: bool = False
     """linear layers inside blocks are stored as (in, out), as GPT-2's Conv1D"""
+    as_stored: Callable[[ModelConfig], ModelConfig] = lambda cfg: cfg
+    """the config as this family always stores it: parameters a ling model lacks (GPT-2's
+    biases, for a model trained without them) are exported as zeros, which is exact"""
     ignored: tuple[str, ...] = field(default=())
     """regexes of stored tensors that are buffers or duplicates, not weights (skipped on load)"""
 
@@ -98,7 +101,8 @@ def rope_from_hf(hf: HFConfig) -> tuple[float, RopeScaling | None]:
     theta = params.get("rope_theta", hf.data.get("rope_theta", hf.defaults.get("rope_theta", 10000.0)))
     partial = params.get("partial_rotary_factor", hf.data.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
-        raise hf.unsupported(f"partial rotary embeddings (partial_rotary_factor={partial})", "rotary embeddings over the whole head")
+        raise hf.unsupported(f"partial rotary embeddings (partial_rotary_factor={partial})",
+                             "rotary embeddings over the whole head")
     kinds = {d.get("rope_type", d.get("type")) for d in (new, legacy)} - {None, "default"}
     for kind in sorted(kinds - {"llama3"}):
         raise hf.unsupported(f"rope_scaling of type '{kind}'", "no RoPE scaling, or rope_type 'llama3'")

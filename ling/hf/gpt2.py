@@ -1,10 +1,14 @@
 """`GPT2LMHeadModel` ⇄ ling: learned positions, LayerNorm, GELU-tanh MLP, biases everywhere.
 
 GPT-2 keeps q, k and v in one `c_attn` layer already, in ling's [q|k|v] order, but its
-Conv1D layers store weights as (in, out): the weight map transposes them.
+Conv1D layers store weights as (in, out): the weight map transposes them. A ling model
+trained without biases (nanoGPT's `bias=False`, the shakespeare-char preset) is GPT-2 with
+zero biases, and is exported as such.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from ling.config import ModelConfig
 from ling.hf.family import Family, HFConfig, HFModule
@@ -67,7 +71,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 def modules(cfg: ModelConfig) -> dict[str, HFModule]:
     table: dict[str, HFModule] = {
-        "embed": "transformer.wte", "pos_embed": "transformer.wpe", "final_norm": "transformer.ln_f", "lm_head": "lm_head",
+        "embed": "transformer.wte", "pos_embed": "transformer.wpe", "final_norm": "transformer.ln_f",
+        "lm_head": "lm_head",
     }
     for i in range(cfg.n_layer):
         b, h = f"blocks.{i}", f"transformer.h.{i}"
@@ -88,17 +93,17 @@ FAMILY = Family(
     prefix="transformer.",
     config_from_hf=config_from_hf,
     config_to_hf=config_to_hf,
-    requirements={
-        "norm='layernorm' with norm_bias=True": lambda c: c.norm == "layernorm" and c.norm_bias,
+    requirements={  # any biases: those a ling model lacks are written as zeros (see `as_stored`)
+        "norm='layernorm'": lambda c: c.norm == "layernorm",
         "mlp='gelu'": lambda c: c.mlp == "gelu",
         "position='learned'": lambda c: c.position == "learned",
-        "bias='all'": lambda c: c.bias == "all",
         "n_kv_head == n_head (no GQA)": lambda c: c.n_kv_head == c.n_head,
         "head_dim == n_embd / n_head": lambda c: c.head_dim * c.n_head == c.n_embd,
         "qk_norm=False": lambda c: not c.qk_norm,
     },
     modules=modules,
     conv1d=True,
+    as_stored=lambda cfg: dataclasses.replace(cfg, bias="all", norm_bias=True),
     # The causal-mask buffers that old GPT-2 checkpoints (e.g. the original `gpt2`) carry.
     ignored=(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",),
 )

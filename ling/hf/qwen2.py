@@ -26,7 +26,8 @@ def check_qwen_sliding_window(hf: HFConfig) -> None:
         return
     window = hf.data.get("sliding_window", hf.defaults["sliding_window"])
     layer_types = hf.data.get("layer_types") or [
-        "sliding_attention" if i >= hf["max_window_layers"] else "full_attention" for i in range(hf["num_hidden_layers"])
+        "sliding_attention" if i >= hf["max_window_layers"] else "full_attention"
+        for i in range(hf["num_hidden_layers"])
     ]
     check_sliding_window(hf, window, layers_sliding="sliding_attention" in layer_types)
 
