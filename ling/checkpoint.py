@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from ling.config import ModelConfig
 from ling.errors import LingError
@@ -311,16 +312,17 @@ def load_tensors(model: torch.nn.Module, files: SafetensorsFiles, where: str, de
                  ignore: Callable[[str], bool] = lambda name: False) -> None:
     """Fill a (meta-device) model from stored tensors, checking names and shapes first.
 
-    Every parameter is allocated once on `device` in `dtype` (None: the stored dtype) and
-    its sources are copied straight into it, so the checkpoint is never held twice. A
-    missing, unexpected (and not `ignore`d) or mis-shaped stored tensor is a `LingError`
-    naming it, raised before anything is loaded.
+    Every parameter is allocated once on `device` in `dtype` (None: the stored dtype;
+    non-float tensors keep theirs) and its sources are copied straight into it, so the
+    checkpoint is never held twice. A missing, unexpected (and not `ignore`d) or mis-shaped
+    stored tensor is a `LingError` naming it, raised before anything is loaded.
     """
     shapes = model_shapes(model)
     weight_map = weight_map if weight_map is not None else identity_map(shapes)
     _check(files, shapes, weight_map, where, ignore)
-    for name, sources in weight_map.items():
-        target_dtype = dtype or files.dtype(sources[0].name)
+    for name, sources in tqdm(weight_map.items(), desc="loading", unit="tensor", disable=None, delay=2, leave=False):
+        stored_dtype = files.dtype(sources[0].name)
+        target_dtype = dtype if dtype is not None and stored_dtype.is_floating_point else stored_dtype
         value = torch.empty(shapes[name], dtype=target_dtype, device=device)
         row = 0
         for source in sources:

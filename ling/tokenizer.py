@@ -237,7 +237,7 @@ def _configure_like_transformers(backend: HFTokenizer, config: dict) -> None:
     - special tokens named in tokenizer_config.json but absent from tokenizer.json are added;
     - BOS/EOS come from tokenizer.json's post-processor alone: transformers 5 ignores
       `add_bos_token` / `add_eos_token` in tokenizer_config.json, and so does ling;
-    - truncation and padding stored in tokenizer.json are off unless asked for;
+    - truncation and padding stored in tokenizer.json are off (as in a plain transformers call);
     - `split_special_tokens` makes special-token text encode as ordinary text.
     """
     named = [_token_content(config.get(key)) for key in NAMED_SPECIAL_TOKENS]

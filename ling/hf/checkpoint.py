@@ -182,10 +182,12 @@ def save_hf_dir(model: Transformer, tokenizer: Tokenizer | None, directory: str 
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
     index = {}
-    for file, shard in tqdm(list(zip(names, shards)), desc="writing", unit="shard", disable=None, delay=2, leave=False):
-        # safetensors refuses tensors that share memory, and q/k/v are views of one fused tensor.
-        save_file({name: t.detach().cpu().contiguous().clone() for name, t in shard}, str(directory / file),
-                  metadata={"format": "pt"})
+    progress = tqdm(list(zip(names, shards)), desc="writing", unit="shard", disable=None, delay=2, leave=False)
+    for file, shard in progress:
+        # One contiguous copy per tensor: safetensors refuses tensors that share memory (q/k/v
+        # are views of one fused tensor), and the copies live only while their shard is written.
+        tensors = {name: t.detach().cpu().clone(memory_format=torch.contiguous_format) for name, t in shard}
+        save_file(tensors, str(directory / file), metadata={"format": "pt"})
         index.update({name: file for name, _ in shard})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for shard in shards for _, t in shard)
