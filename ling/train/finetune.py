@@ -286,6 +286,7 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True):
         seq_len = min(args.max_seq_len, model.cfg.context_length)
         data = prepare_data(args, tokenizer, seq_len)
         resize_vocab(model, tokenizer.vocab_size)
+        torch.manual_seed(args.train.seed)  # the same new weights (adapters, head) in every run and process
         if args.method == "lora":
             apply_lora(model, args.lora, data.new_token_ids)
         if args.task == "classification":
