@@ -12,7 +12,9 @@
    (measured with `ling eval --exact-match`). Minutes, trainable parameters and the peak RSS
    of each fine-tuning process are recorded.
 3. Memory: a llama-110m base (random weights: memory does not depend on their values; a
-   32k BPE vocabulary), a few steps of full fine-tuning and of LoRA, peak RSS of each process.
+   32k BPE vocabulary), a few steps of full fine-tuning and of LoRA, peak RSS of each process;
+   side by side, the peer a user would pick — transformers + PEFT on `ling convert to-hf` of
+   the same base, a plain loop (AdamW, bf16 autocast) over the same batch shape.
 
 Every stage is a real `ling` command in its own process (so its peak RSS is its own) and is
 skipped when its output already exists in --workdir. Results go to --results (JSON) and are
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -121,6 +124,42 @@ def accuracy_part(work: Path, args) -> dict:
     return results
 
 
+MEM_STEPS, MEM_BATCH, MEM_SEQ = 3, 8, 128
+
+
+def hf_peer(hf_dir: str, method: str) -> None:
+    """transformers + PEFT, a plain training loop: what the memory part compares against."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if method == "lora" else torch.float32  # a frozen base need not be fp32
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    tokens = torch.randint(0, model.config.vocab_size, (MEM_BATCH, MEM_SEQ))
+    for _ in range(MEM_STEPS):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def run_peer(hf_dir: Path, method: str, log: Path) -> dict:
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, __file__, "--hf-peer", method, "--workdir", str(hf_dir)],
+                                stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: transformers peer ({method})\n{log.read_text()[-3000:]}")
+    return {"seconds": time.perf_counter() - started, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
 def memory_part(work: Path, args) -> dict:
     base = work / "llama-110m"
     if not base.exists():
@@ -128,19 +167,25 @@ def memory_part(work: Path, args) -> dict:
         torch.manual_seed(0)
         model = build_model(ModelConfig.from_name("llama-110m", vocab_size=32000))
         save_model_dir(model, tokenizer, base)
+    if not (work / "llama-110m-hf").exists():
+        run(["convert", "to-hf", str(base), str(work / "llama-110m-hf")], work / "to-hf.log")
     data = work / "reverse-train.jsonl"
     if not data.exists():
         write_jsonl(make_examples("reverse", 500), data, "messages")
     results = {}
     for method in ("full", "lora"):
         out = work / f"mem-{method}"
+        shutil.rmtree(out, ignore_errors=True)  # measured afresh every time
         stats = run(["finetune", "--base", str(base), "--data", str(data), "--out", str(out), "--method", method,
-                     "--max-seq-len", "128", "--train.micro-batch", "8", "--train.batch-tokens", "1024",
-                     "--train.max-steps", "3", "--train.eval-every", "3", "--train.eval-batches", "1", "--samples", "0",
+                     "--max-seq-len", str(MEM_SEQ), "--train.micro-batch", str(MEM_BATCH),
+                     "--train.batch-tokens", str(MEM_BATCH * MEM_SEQ), "--train.max-steps", str(MEM_STEPS),
+                     "--train.eval-every", str(MEM_STEPS), "--train.eval-batches", "1", "--samples", "0",
                      "--train.keep-last", "1"], work / f"mem-{method}.log")
         summary = json.loads((out / "summary.json").read_text())
         results[method] = {**stats, "trainable_params": summary["trainable_params"], "total_params": summary["total_params"]}
+        results[f"hf-{method}"] = run_peer(work / "llama-110m-hf", method, work / f"mem-hf-{method}.log")
     results["lora_over_full"] = results["lora"]["peak_rss_mb"] / results["full"]["peak_rss_mb"]
+    results["hf_lora_over_full"] = results["hf-lora"]["peak_rss_mb"] / results["hf-full"]["peak_rss_mb"]
     print(json.dumps(results, indent=2), flush=True)
     return results
 
@@ -158,11 +203,15 @@ def markdown(results: dict, args) -> str:
                          f"{l['minutes']:.1f} / {l['trainable_params']:,} / {l['peak_rss_mb']:,.0f} MB |")
     if "memory" in results:
         m = results["memory"]
-        lines += ["", "| llama-110m, 3 steps | trainable parameters | peak RSS | minutes |", "|---|---|---|---|"]
+        lines += ["", f"| llama-110m, {MEM_STEPS} steps of {MEM_BATCH}×{MEM_SEQ} tokens | trainable parameters | "
+                  "peak RSS | process minutes |", "|---|---|---|---|"]
         for method in ("full", "lora"):
-            lines.append(f"| {method} | {m[method]['trainable_params']:,} of {m[method]['total_params']:,} | "
-                         f"{m[method]['peak_rss_mb']:,.0f} MB | {m[method]['seconds'] / 60:.1f} |")
-        lines.append(f"\nLoRA peak RSS / full fine-tuning peak RSS = **{m['lora_over_full']:.2f}**")
+            lines.append(f"| ling finetune --method {method} | {m[method]['trainable_params']:,} of "
+                         f"{m[method]['total_params']:,} | {m[method]['peak_rss_mb']:,.0f} MB | {m[method]['seconds'] / 60:.1f} |")
+            lines.append(f"| transformers{' + PEFT' if method == 'lora' else ''}, plain loop | | "
+                         f"{m['hf-' + method]['peak_rss_mb']:,.0f} MB | {m['hf-' + method]['seconds'] / 60:.1f} |")
+        lines.append(f"\nLoRA / full peak RSS: ling **{m['lora_over_full']:.2f}**, transformers + PEFT "
+                     f"{m['hf_lora_over_full']:.2f}")
     return "\n".join(lines)
 
 
@@ -180,7 +229,10 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--only-memory", action="store_true")
+    parser.add_argument("--hf-peer", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hf_peer:  # the peer's own process, started by run_peer
+        return hf_peer(args.workdir, args.hf_peer)
     args.tasks = args.tasks.split(",")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     work = Path(args.workdir)

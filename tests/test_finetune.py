@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -129,20 +130,24 @@ def test_bad_inputs_are_one_line_errors(base, tmp_path, capsys):
     write_jsonl(make_examples("add", 20), good)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(good.read_text() + '{"instruction": "Add.", "output": 5}\n')
+    unknown_char = tmp_path / "unknown.jsonl"
+    unknown_char.write_text('{"instruction": "Say é", "output": "é"}\n' * 3)
     one_label = tmp_path / "one.jsonl"
     one_label.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 1}\n')
     cases = [
         (["--base", str(tmp_path / "nope"), "--data", str(good)], "no such checkpoint directory"),
-        (["--base", str(base), "--data", str(bad)], "bad.jsonl:21: 'output' must be a string, got int"),
+        (["--base", str(base), "--data", str(bad)], r"bad\.jsonl:21: 'output' must be a string, got int"),
         (["--base", str(base), "--data", str(good), "--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
-        (["--base", str(base), "--data", str(good), "--method", "lora", "--lora.targets", "q,x"], "unknown target(s) x"),
+        (["--base", str(base), "--data", str(good), "--method", "lora", "--lora.targets", "q,x"], r"unknown target\(s\) x"),
         (["--base", str(base), "--data", str(one_label), "--task", "classification"], "at least 2 classes"),
         (["--base", str(base), "--data", str(good), "--max-seq-len", "1"], "--max-seq-len must be at least 2"),
         (["--base", str(base), "--data", str(good), "--max-seq-len", "8"], "no train example has a token to learn"),
+        (["--base", str(base), "--data", str(unknown_char)],
+         r"unknown\.jsonl:\d: text contains characters outside this char-level vocabulary: 'é'"),
     ]
     for i, (args, message) in enumerate(cases):
         assert cli.main(["finetune", *args, "--out", str(tmp_path / f"run{i}"), "--device", "cpu"]) == 1, message
-        assert message in capsys.readouterr().err
+        assert re.search(message, capsys.readouterr().err)
         assert not (tmp_path / f"run{i}" / "checkpoints").exists()
     assert cli.main(["finetune", "--base", str(base), "--data", str(bad), "--skip-bad-records", "--out",
                      str(tmp_path / "skip"), "--device", "cpu", "--train.max-steps", "1", "--max-seq-len", "64",

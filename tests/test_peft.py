@@ -55,3 +55,30 @@ def test_peft_loads_our_adapter_onto_the_hf_export_and_gives_our_logits(tmp_path
         ours = model(tokens)
         theirs = peft_model(input_ids=tokens).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_lora_run_on_an_hf_base_gives_a_peft_adapter_for_that_very_directory(tmp_path):
+    """The everyday path: a downloaded HF model, `ling finetune --method lora`, then PEFT."""
+    from ling.checkpoint import load_checkpoint
+    from ling.data.synthetic import make_examples, write_jsonl
+    from ling.train.config import TrainConfig
+    from ling.train.finetune import FinetuneArgs, run_finetune
+
+    tok = Tokenizer.train_char(["abcdefghijklmnopqrstuvwxyz .:R\n"])
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    save_hf_dir(build_model(ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, context_length=64)), tok,
+                tmp_path / "hf")
+    write_jsonl(make_examples("reverse", 40), tmp_path / "d.jsonl", "messages")
+    args = FinetuneArgs(base=str(tmp_path / "hf"), data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "run"),
+                        method="lora", max_seq_len=64, device="cpu", samples=0,
+                        train=TrainConfig(max_steps=2, batch_tokens=256, micro_batch=4, lr=1e-2, warmup_steps=0,
+                                          eval_every=2, eval_batches=1, precision="fp32"))
+    run_finetune(args, show_summary=False)
+    latest = tmp_path / "run" / "latest"
+    ours, tokenizer = load_checkpoint(latest)
+    assert tokenizer.chat_template == tok.chat_template and ours.cfg.vocab_size == tok.vocab_size  # no tokens added
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), latest).eval()
+    tokens = torch.tensor([tokenizer.encode("user: abc")])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=tokens).logits, ours.eval()(tokens), rtol=0, atol=1e-4)

@@ -159,7 +159,13 @@ def prepare_data(args: FinetuneArgs, tokenizer: Tokenizer, seq_len: int) -> Prep
         encode = lambda e: encode_labelled(e, tokenizer, seq_len, index)
     else:
         encode = lambda e: encode_example(e, tokenizer, seq_len, args.train_on_prompt)
-    encoded = {"train": [encode(e) for e in train_examples], "val": [encode(e) for e in val_examples]}
+    def encode_at(example: Example) -> Encoded:
+        try:
+            return encode(example)
+        except LingError as e:  # e.g. a character a char-level tokenizer does not know
+            raise LingError(f"{example.where}: {e}") from None
+
+    encoded = {"train": [encode_at(e) for e in train_examples], "val": [encode_at(e) for e in val_examples]}
     truncated = sum(e.truncated for split in encoded.values() for e in split)
     kept = {k: [e for e in v if e.n_trained] for k, v in encoded.items()}
     dropped = sum(len(encoded[k]) - len(kept[k]) for k in encoded)
