@@ -90,7 +90,8 @@ def test_lora_trains_only_adapters_and_resumes_exactly(base, tmp_path):
     assert summary["trainable_params"] < summary["total_params"] / 5
     assert summary["final_val_loss"] < summary["base_val_loss"]
     latest = tmp_path / "full" / "latest"
-    assert {"adapter.json", "adapter.safetensors", "tokenizer.json", "train_state.pt"} <= {p.name for p in latest.iterdir()}
+    assert {"adapter.json", "adapter.safetensors", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+            "train_state.pt"} <= {p.name for p in latest.iterdir()}  # ling's files, and PEFT's (a Llama-shaped base)
     assert not (latest / "model.safetensors").exists()
     # stop after 3 steps, then resume to 6: the same losses as the uninterrupted run
     half = dataclasses.replace(full, out=str(tmp_path / "half"), train=dataclasses.replace(full.train, max_steps=3))
