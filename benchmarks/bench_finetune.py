@@ -72,8 +72,8 @@ def base_model(work: Path, pretrain_steps: int) -> Path:
             work / "prepare.log")
     if not (run_dir / "latest").exists():
         run(["pretrain", "--data", str(data), "--out", str(run_dir), *BASE_MODEL, "--train.max-steps", str(pretrain_steps),
-             "--train.batch-tokens", "16384", "--train.micro-batch", "32", "--train.lr", "2e-3",
-             "--train.min-lr", "2e-4", "--train.warmup-steps", "50", "--train.eval-every", "250"], work / "pretrain.log")
+             "--train.batch-tokens", "8192", "--train.micro-batch", "32", "--train.lr", "2e-3",
+             "--train.min-lr", "2e-4", "--train.warmup-steps", "40", "--train.eval-every", "100"], work / "pretrain.log")
     return run_dir / "latest"
 
 
@@ -93,9 +93,11 @@ def finetune(base: Path, train: Path, held_out: Path, out: Path, method: str, ar
         extra = ["--train.lr", str(args.full_lr)] if method == "full" else [
             "--train.lr", str(args.lora_lr), "--lora.rank", str(args.lora_rank), "--lora.alpha", str(2 * args.lora_rank)]
         stats = run(["finetune", "--base", str(base), "--data", str(train), "--val-data", str(held_out), "--out", str(out),
-                     "--method", method, "--pack", "--max-seq-len", "256", "--train.batch-tokens", "4096",
+                     "--method", method, "--pack", "--max-seq-len", "256", "--train.batch-tokens", "2048",
                      "--train.micro-batch", "8", "--train.max-steps", str(args.steps), "--train.warmup-steps", "30",
-                     "--train.eval-every", str(args.steps), "--train.eval-batches", "5", *extra], out.parent / f"{out.name}.log")
+                     "--train.min-lr", "1e-4", "--train.eval-every", str(max(1, args.steps // 4)),
+                     "--train.eval-batches", "5", "--samples", "20", "--sample-tokens", "12", *extra],
+                    out.parent / f"{out.name}.log")
         (out / "bench.json").write_text(json.dumps(stats))
     summary = json.loads((out / "summary.json").read_text())
     result_file = out / "eval.json"
@@ -220,11 +222,11 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/ling-bench-finetune")
     parser.add_argument("--results", default=None, help="JSON results file (default: WORKDIR/results.json)")
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--pretrain-steps", type=int, default=600)
-    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per run")
+    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=800, help="fine-tuning steps per run")
     parser.add_argument("--n-train", type=int, default=3000)
     parser.add_argument("--n-held-out", type=int, default=200)
-    parser.add_argument("--full-lr", type=float, default=1e-3)
+    parser.add_argument("--full-lr", type=float, default=2e-3)
     parser.add_argument("--lora-lr", type=float, default=4e-3)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--skip-memory", action="store_true")
