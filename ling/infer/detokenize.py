@@ -60,9 +60,10 @@ class StopStrings:
         self.stopped = False
 
     def feed(self, text: str) -> str:
-        """Add new text; return what can be shown. After a stop string, `stopped` is True."""
-        if not self.stops:
-            return text
+        """Add new text; return what can be shown. After a stop string, `stopped` is True
+        and nothing more is shown."""
+        if self.stopped or not self.stops:
+            return "" if self.stopped else text
         pending = self.pending + text
         found = [i for i in (pending.find(s) for s in self.stops) if i >= 0]
         if found:
