@@ -40,6 +40,10 @@ class KVCache:
     Each row of the batch writes at its own positions, so sequences of different lengths
     (and, in a server, requests that joined at different times) share one cache. The
     buffers never change shape, which keeps decoding friendly to `torch.compile`.
+
+    Attention over the cache runs in the cache's dtype, which may differ from the model's:
+    on CPU an fp32 cache is the fast choice even for bf16 weights, because PyTorch's CPU
+    attention kernel is several times slower in bf16 for a single query per row.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -170,34 +174,15 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, k, v, positions)
-        if cache is not None and T == 1 and x.device.type == "cpu":
-            y = decode_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k.to(q.dtype), v.to(q.dtype),
-                attn_mask=mask,
-                dropout_p=cfg.dropout if self.training else 0.0,
-                is_causal=mask is None,
-                enable_gqa=H_kv != H,
-            )
-        return self.o(y.transpose(1, 2).reshape(B, T, self.q_size))
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token per row over the cache, as plain batched matmuls.
-
-    On CPU this is several times faster than `scaled_dot_product_attention` for a single
-    query (whose flash kernel is built for long queries), most of all in bf16. Query heads
-    that share a key/value head are stacked as rows of one matmul, so GQA reads each cached
-    key once. q (B, H, 1, D); k, v (B, H_kv, S, D); mask (B or 1, 1, 1, S) bool.
-    """
-    B, H, _, D = q.shape
-    H_kv = k.shape[1]
-    q = q.reshape(B, H_kv, H // H_kv, D)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(D))
-    scores = torch.where(mask, scores, float("-inf"))  # mask broadcasts over the stacked heads
-    probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
-    return torch.matmul(probs, v).reshape(B, H, 1, D)
+            q = q.to(k.dtype)  # attention runs in the cache's precision (see KVCache)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=cfg.dropout if self.training else 0.0,
+            is_causal=mask is None,
+            enable_gqa=H_kv != H,
+        )
+        return self.o(y.transpose(1, 2).reshape(B, T, self.q_size).to(x.dtype))
 
 
 class MLP(nn.Module):

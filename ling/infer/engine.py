@@ -23,10 +23,10 @@ position p reads slots ≤ p, so leftovers of an earlier request beyond p are ne
 and each row samples with its own parameters and random generator. A prompt's greedy
 output is therefore the same alone or in any batch (tested).
 
-Speed on CPU comes from (1) linear weights prepacked for oneDNN (`prepack.py`), (2)
-single-query attention as two small matmuls (`ling.model.decode_attention`), (3) reading
-only the cache slots in use (`KVCache.kv_len`), (4) no per-step allocation beyond the
-model's own activations and one argmax for greedy batches. `torch.compile` of the decode
+Speed on CPU comes from (1) linear weights prepacked for oneDNN (`prepack.py`), (2) an
+fp32 KV cache, whose attention kernel is much faster than bf16's for one query per row,
+(3) reading only the cache slots in use (`KVCache.kv_len`), (4) little per-step work
+besides the forward itself: one argmax for a greedy batch, no mask or buffer rebuilt. `torch.compile` of the decode
 step is available (`compile=True`) but off by default: on CPU it does not pay (see
 BENCHMARKS.md, section Inference); on GPU it is untested here.
 
@@ -141,7 +141,8 @@ class Engine:
             prepack_linears(self.model)
         self._decode_model = torch.compile(self.model, dynamic=True) if compile else self.model
         with torch.inference_mode():
-            self.cache = KVCache(self.cfg, max_batch_size, self.max_len, device=self.device, dtype=self.dtype)
+            cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype  # see KVCache
+            self.cache = KVCache(self.cfg, max_batch_size, self.max_len, device=self.device, dtype=cache_dtype)
             self._tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
             self._positions = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
             self._live = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
