@@ -253,46 +253,62 @@ class Engine:
         return deltas
 
     def _admit(self) -> list[Delta]:
-        deltas = []
-        while True:
-            free = next((i for i, r in enumerate(self._slots) if r is None), None)
-            if free is None:
-                break
-            with self._lock:
-                if not self._waiting:
-                    break
-                request = self._waiting.popleft()
-            if request.max_new_tokens == 0:
-                deltas.append(Delta(request.id, [], "", finish_reason="length"))
+        """Give waiting requests the free slots, and prefill them in groups of neighbouring slots."""
+        deltas, admitted = [], []
+        for slot, occupant in enumerate(self._slots):
+            if occupant is not None:
                 continue
-            deltas.append(self._prefill(request, free))
+            with self._lock:
+                request = self._waiting.popleft() if self._waiting else None
+            while request is not None and request.max_new_tokens == 0:
+                deltas.append(Delta(request.id, [], "", finish_reason="length"))
+                with self._lock:
+                    request = self._waiting.popleft() if self._waiting else None
+            if request is None:
+                break
+            request.slot = slot
+            self._slots[slot] = request
+            self.sampler.set_slot(slot, request.params, request.prompt_ids)
+            admitted.append(request)
+        for group in _prefill_groups(admitted):
+            deltas += self._prefill(group)
         return deltas
 
-    def _prefill(self, request: _Request, slot: int) -> Delta:
-        """Run the prompt through the model into this slot's cache row; sample the first token."""
-        request.slot = slot
-        self._slots[slot] = request
-        self.sampler.set_slot(slot, request.params, request.prompt_ids)
-        n = len(request.prompt_ids)
-        logits = self._prefill_cache(slot, request.prompt_ids)
+    def _prefill(self, group: list[_Request]) -> list[Delta]:
+        """Run the prompts of requests in neighbouring slots through the model in one padded
+        batch, writing their cache rows; sample each one's first token."""
+        start = group[0].slot
+        prompts = [r.prompt_ids for r in group]
+        logits = self._prefill_cache(start, prompts)
         if self.draft is not None:
-            self.draft._prefill_cache(slot, request.prompt_ids)
-        next_ids, records = self.sampler.sample(logits, slot)
-        self.sampler.observe(slot, next_ids)
-        self._tokens[slot, 0] = next_ids[0]
-        request.position = n
-        self._positions[slot] = n
-        self._live[slot] = 1
-        return self._accept(request, int(next_ids[0]), records[0])
+            self.draft._prefill_cache(start, prompts)
+        next_ids, records = self.sampler.sample(logits, start)
+        self.sampler.observe(start, next_ids)
+        rows = slice(start, start + len(group))
+        self._tokens[rows, 0] = next_ids
+        self._positions[rows, 0] = torch.tensor([len(p) for p in prompts], device=self.device)
+        self._live[rows] = 1
+        deltas = []
+        for r, token, record in zip(group, next_ids.tolist(), records):
+            r.position = len(r.prompt_ids)
+            deltas.append(self._accept(r, token, record))
+        return deltas
 
-    def _prefill_cache(self, slot: int, prompt_ids: list[int]) -> torch.Tensor:
-        """Write the prompt's keys and values into cache row `slot`; logits (1, V) of its last token."""
-        n = len(prompt_ids)
-        rows = self.cache.rows(slot, slot + 1)
-        rows.kv_len = n
-        tokens = torch.tensor([prompt_ids], device=self.device)
-        hidden = self.model.hidden_states(tokens, self._arange[:n][None], cache=rows)
-        return self.model.lm_head(hidden[:, -1])
+    def _prefill_cache(self, start: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Write right-padded prompts into cache rows start..; logits (n, V) at each last token.
+
+        Padding tokens write keys past their row's prompt; those slots are overwritten by the
+        row's own next tokens before any query of the row can see them."""
+        n, longest = len(prompts), max(len(p) for p in prompts)
+        tokens = torch.zeros(n, longest, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        rows = self.cache.rows(start, start + n)
+        rows.kv_len = longest
+        positions = self._arange[:longest].expand(n, -1)
+        hidden = self.model.hidden_states(tokens.to(self.device), positions, cache=rows)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self.model.lm_head(hidden[torch.arange(n, device=self.device), last])
 
     def _decode(self, running: list[_Request]) -> list[Delta]:
         """One token for every running request: rows 0..hi of the cache in one forward."""
@@ -412,6 +428,21 @@ class Engine:
         for i, delta in self.stream(prompts, params):
             parts[i].append(delta)
         return [Completion.from_deltas(deltas, len(prompt)) for deltas, prompt in zip(parts, prompts)]
+
+
+def _prefill_groups(requests: list[_Request]) -> list[list[_Request]]:
+    """Requests in consecutive slots, grouped for one padded prefill each, as long as padding
+    stays under half the group's tokens (very different lengths are prefilled apart)."""
+    groups: list[list[_Request]] = []
+    for r in requests:
+        group = groups[-1] if groups else None
+        if group and group[-1].slot + 1 == r.slot:
+            lengths = [len(x.prompt_ids) for x in group] + [len(r.prompt_ids)]
+            if max(lengths) * len(lengths) <= 2 * sum(lengths):
+                group.append(r)
+                continue
+        groups.append([r])
+    return groups
 
 
 def _per_prompt(params, n: int) -> list[SamplingParams]:
