@@ -139,7 +139,9 @@ class Engine:
             prepack = owned and not compile and can_prepack(self.device, self.dtype)
         if prepack:
             prepack_linears(self.model)
-        self._decode_model = torch.compile(self.model, dynamic=True) if compile else self.model
+        self._decode_model = self.model
+        if compile:  # on CPU, freezing lets inductor prepack the weights as `prepack` would
+            self._decode_model = torch.compile(self.model, dynamic=True, options={"freezing": self.device.type == "cpu"})
         with torch.inference_mode():
             cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype  # see KVCache
             self.cache = KVCache(self.cfg, max_batch_size, self.max_len, device=self.device, dtype=cache_dtype)
