@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Optional, TextIO
+from typing import Annotated, Iterator, Literal, Optional, TextIO
 
 import torch
 import tyro
@@ -53,7 +53,7 @@ def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, 
 class ModelArgs:
     """Which model to run, where, and how (shared by `ling generate` and `ling chat`)."""
 
-    ckpt: tyro.conf.Positional[str]
+    ckpt: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CKPT")]
     """checkpoint directory (ling or Hugging Face format)"""
     device: str = "auto"
     """cpu, cuda, mps, ... (auto: cuda > mps > cpu)"""
