@@ -182,7 +182,7 @@ class Attention(nn.Module):
             is_causal=mask is None,
             enable_gqa=H_kv != H,
         )
-        return self.o(y.transpose(1, 2).reshape(B, T, self.q_size).to(x.dtype))
+        return self.o(y.transpose(1, 2).reshape(B, T, self.q_size).to(qkv.dtype))
 
 
 class MLP(nn.Module):

@@ -82,6 +82,13 @@ def test_generate_plain_prompts_file_to_stdout_with_stream(ckpt, tmp_path, capsy
     assert code == 0 and sorted((r["prompt"], r["text"]) for r in records) == [("A", SCRIPT[1:]), ("X", "YZ")]
 
 
+def test_a_bad_prompt_in_a_file_is_named_by_its_line(ckpt, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A\n" + "A" * 70 + "\n")
+    code, _, err = run(capsys, ckpt, "--prompts-file", str(prompts))
+    assert code == 1 and f"{prompts}:2: the prompt is 70 tokens" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--prompt", "A" * 70], "the prompt is 70 tokens but the context holds 64"),
     (["--prompt", "A", "--prompts-file", "f"], "exactly one of --prompt"),

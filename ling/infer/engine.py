@@ -184,20 +184,7 @@ class Engine:
         """Queue a request (text or token ids); it joins the batch at the next `step`."""
         params = params or SamplingParams()
         prompt_ids = self.encode_prompt(prompt)
-        if not prompt_ids:
-            raise LingError("the prompt is empty: give at least one token")
-        if len(prompt_ids) >= self.max_len:
-            raise LingError(
-                f"the prompt is {len(prompt_ids)} tokens but the context holds {self.max_len} "
-                f"(prompt + output): shorten the prompt"
-            )
-        if self.draft is not None and not (params.greedy and not params.penalised and not params.logprobs
-                                           and not params.top_logprobs):
-            raise LingError("speculative decoding (a draft model) supports greedy decoding only: "
-                            "temperature 0, no penalties, no logprobs")
-        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise LingError(f"prompt token id {bad[0]} is outside the model's vocabulary (0..{self.cfg.vocab_size - 1})")
+        self.check(prompt_ids, params)
         stop_ids = set(params.stop_token_ids)
         eos = self.tokenizer.eos_id if self.tokenizer is not None else None
         if eos is not None and not params.ignore_eos:
@@ -214,6 +201,23 @@ class Engine:
         with self._lock:
             self._waiting.append(request)
         return request.id
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise a `LingError` if this request cannot run (what `add_request` checks first)."""
+        if not prompt_ids:
+            raise LingError("the prompt is empty: give at least one token")
+        if len(prompt_ids) >= self.max_len:
+            raise LingError(
+                f"the prompt is {len(prompt_ids)} tokens but the context holds {self.max_len} "
+                f"(prompt + output): shorten the prompt"
+            )
+        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise LingError(f"prompt token id {bad[0]} is outside the model's vocabulary (0..{self.cfg.vocab_size - 1})")
+        if self.draft is not None and not (params.greedy and not params.penalised and not params.logprobs
+                                           and not params.top_logprobs):
+            raise LingError("speculative decoding (a draft model) supports greedy decoding only: "
+                            "temperature 0, no penalties, no logprobs")
 
     def abort(self, request_id: str) -> None:
         """Stop a request (waiting or running); its slot is freed at the next `step`."""

@@ -110,8 +110,9 @@ def build_engine(args: ModelArgs, max_batch_size: int) -> Engine:
                   draft=draft)
 
 
-def read_prompts(path: str, defaults: SamplingParams) -> list[tuple[str, SamplingParams]]:
-    """Prompts of a text file (one per line) or a JSONL file (a "prompt" and overrides per line)."""
+def read_prompts(path: str, defaults: SamplingParams) -> list[tuple[str, SamplingParams, str]]:
+    """(prompt, params, "file:line") for each prompt of a text file (one per line) or a JSONL
+    file (a "prompt" and any sampling overrides per line)."""
     file = Path(path)
     if not file.exists():
         raise LingError(f"{path}: no such prompts file")
@@ -121,10 +122,10 @@ def read_prompts(path: str, defaults: SamplingParams) -> list[tuple[str, Samplin
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        if not is_jsonl:
-            prompts.append((line, defaults))
-            continue
         where = f"{path}:{number}"
+        if not is_jsonl:
+            prompts.append((line, defaults, where))
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -132,7 +133,7 @@ def read_prompts(path: str, defaults: SamplingParams) -> list[tuple[str, Samplin
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise LingError(f'{where}: each line needs a "prompt" string')
         overrides = {k: v for k, v in record.items() if k != "prompt"}
-        prompts.append((record["prompt"], from_dict(SamplingParams, overrides, where=where, partial_base=defaults)))
+        prompts.append((record["prompt"], from_dict(SamplingParams, overrides, where=where, partial_base=defaults), where))
     if not prompts:
         raise LingError(f"{path}: no prompts in the file")
     return prompts
@@ -185,12 +186,17 @@ def generate_one(engine: Engine, prompt: str, params: SamplingParams, stream: bo
     print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s]", file=sys.stderr)
 
 
-def generate_many(engine: Engine, prompts: list[tuple[str, SamplingParams]], out: TextIO, stream: bool) -> None:
+def generate_many(engine: Engine, prompts: list[tuple[str, SamplingParams, str]], out: TextIO, stream: bool) -> None:
     """Batched generation for every prompt; one JSONL result per prompt, in input order
     (with `stream`, in the order they finish)."""
-    texts = [p for p, _ in prompts]
-    params = [sp for _, sp in prompts]
+    texts = [p for p, _, _ in prompts]
+    params = [sp for _, sp, _ in prompts]
     ids = [engine.encode_prompt(p) for p in texts]
+    for (_, sp, where), prompt_ids in zip(prompts, ids):
+        try:
+            engine.check(prompt_ids, sp)
+        except LingError as e:
+            raise LingError(f"{where}: {e}") from None
     parts: list[list] = [[] for _ in prompts]
     results: list[dict | None] = [None] * len(prompts)
     start, tokens = time.perf_counter(), 0

@@ -114,10 +114,10 @@ class BatchSampler:
         self.vocab_size, self.device = vocab_size, torch.device(device)
         self.params: list[SamplingParams | None] = [None] * max_batch
         self.generators: list[torch.Generator | None] = [None] * max_batch
-        zeros = lambda dtype=torch.float32: torch.zeros(max_batch, device=device, dtype=dtype)  # noqa: E731
-        self.temperature, self.top_p, self.min_p = zeros(), zeros(), zeros()
-        self.top_k = zeros(torch.long)
-        self.repetition, self.presence, self.frequency = zeros() + 1, zeros(), zeros()
+        per_slot = lambda value, dtype=torch.float32: torch.full((max_batch,), value, device=device, dtype=dtype)  # noqa: E731
+        self.temperature, self.top_p, self.min_p = per_slot(1.0), per_slot(1.0), per_slot(0.0)
+        self.top_k = per_slot(0, torch.long)
+        self.repetition, self.presence, self.frequency = per_slot(1.0), per_slot(0.0), per_slot(0.0)
         self.counts: torch.Tensor | None = None
         """(max_batch, vocab) generated-token counts, allocated when a request needs penalties"""
         self.seen: torch.Tensor | None = None
