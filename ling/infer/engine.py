@@ -36,6 +36,8 @@ Threading: `add_request` and `abort` may be called from any thread; `step` (and 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import threading
 from collections import deque
@@ -139,9 +141,14 @@ class Engine:
             prepack = owned and not compile and can_prepack(self.device, self.dtype)
         if prepack:
             prepack_linears(self.model)
-        self._decode_model = self.model
-        if compile:  # on CPU, freezing lets inductor prepack the weights as `prepack` would
-            self._decode_model = torch.compile(self.model, dynamic=True, options={"freezing": self.device.type == "cpu"})
+        self._decode_model = torch.compile(self.model, dynamic=True) if compile else self.model
+        self._compile_config = contextlib.nullcontext
+        if compile and self.device.type == "cpu":
+            # Freezing (weights as constants) lets inductor prepack them as `prepack` would;
+            # scoped to this engine's compilations, which happen on the first calls.
+            import torch._inductor.config
+
+            self._compile_config = functools.partial(torch._inductor.config.patch, freezing=True)
         with torch.inference_mode():
             cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype  # see KVCache
             self.cache = KVCache(self.cfg, max_batch_size, self.max_len, device=self.device, dtype=cache_dtype)
@@ -320,7 +327,8 @@ class Engine:
         """One token for every running request: rows 0..hi of the cache in one forward."""
         hi = max(r.slot for r in running) + 1
         self.cache.kv_len = max(r.position for r in running) + 1
-        logits = self._decode_model(self._tokens[:hi], self._positions[:hi], cache=self.cache)[:, -1]
+        with self._compile_config():
+            logits = self._decode_model(self._tokens[:hi], self._positions[:hi], cache=self.cache)[:, -1]
         next_ids, records = self.sampler.sample(logits, 0)
         self.sampler.observe(0, next_ids)
         self._tokens[:hi, 0] = next_ids
