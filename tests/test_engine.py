@@ -198,3 +198,11 @@ def test_speculative_decoding_equals_plain_greedy(model, draft_seed):
     assert (accepted == proposed) if draft_seed is None else (0 <= accepted < proposed)
     with pytest.raises(LingError, match="greedy"):
         speculative.generate([[1]], SamplingParams(temperature=1.0))
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_tokens(model):
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    compiled = Engine(model, max_batch_size=2, compile=True)
+    assert [c.token_ids for c in compiled.generate(PROMPTS[:2], params)] == \
+        [c.token_ids for c in Engine(model, max_batch_size=2).generate(PROMPTS[:2], params)]

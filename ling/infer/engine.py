@@ -146,9 +146,9 @@ class Engine:
         if compile and self.device.type == "cpu":
             # Freezing (weights as constants) lets inductor prepack them as `prepack` would;
             # scoped to this engine's compilations, which happen on the first calls.
-            import torch._inductor.config
+            from torch._inductor import config as inductor_config
 
-            self._compile_config = functools.partial(torch._inductor.config.patch, freezing=True)
+            self._compile_config = functools.partial(inductor_config.patch, freezing=True)
         with torch.inference_mode():
             cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype  # see KVCache
             self.cache = KVCache(self.cfg, max_batch_size, self.max_len, device=self.device, dtype=cache_dtype)
