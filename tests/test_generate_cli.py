@@ -52,6 +52,13 @@ def test_generate_one_prompt_prints_prompt_and_continuation(ckpt, capsys):
     assert run(capsys, ckpt, "--prompt", "A", "--temperature", "0", "--stream", "--dtype", "fp32")[1] == out
 
 
+def test_generate_with_a_draft_model_gives_the_same_greedy_text(ckpt, capsys):
+    code, out, err = run(capsys, ckpt, "--prompt", "A", "--temperature", "0", "--draft", ckpt, "--dtype", "fp32")
+    assert code == 0 and out == SCRIPT + "\n" and "draft tokens accepted: 100%" in err
+    code, _, err = run(capsys, ckpt, "--prompt", "A", "--draft", ckpt)
+    assert code == 1 and "greedy decoding only" in err
+
+
 def test_generate_same_seed_same_text(ckpt, capsys):
     # The scripted model is very sure of itself: a high temperature makes its choices random.
     args = [ckpt, "--prompt", "XY", "--temperature", "100", "--max-new-tokens", "30", "--ignore-eos"]

@@ -183,7 +183,8 @@ def generate_one(engine: Engine, prompt: str, params: SamplingParams, stream: bo
         print(delta.text, end="", flush=stream)
     print(flush=True)
     elapsed = time.perf_counter() - start
-    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s]", file=sys.stderr)
+    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s{speculation_note(engine)}]",
+          file=sys.stderr)
 
 
 def generate_many(engine: Engine, prompts: list[tuple[str, SamplingParams, str]], out: TextIO, stream: bool) -> None:
@@ -215,5 +216,12 @@ def generate_many(engine: Engine, prompts: list[tuple[str, SamplingParams, str]]
         for record in results:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     elapsed = time.perf_counter() - start
-    print(f"{len(prompts)} prompts, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tokens/s)",
-          file=sys.stderr)
+    print(f"{len(prompts)} prompts, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tokens/s"
+          f"{speculation_note(engine)})", file=sys.stderr)
+
+
+def speculation_note(engine: Engine) -> str:
+    proposed = engine.speculation["proposed"]
+    if engine.draft is None or not proposed:
+        return ""
+    return f", draft tokens accepted: {100 * engine.speculation['accepted'] / proposed:.0f}%"
