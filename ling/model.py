@@ -50,7 +50,7 @@ class KVCache:
         shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.batch_size, self.max_len = batch_size, max_len
+        self.batch_size, self.max_len, self.dtype = batch_size, max_len, dtype
         self.kv_len = max_len
         """how many leading slots attention reads; a caller may shrink it to skip empty slots"""
         self._rows = torch.arange(batch_size, device=device)[:, None]
@@ -61,7 +61,7 @@ class KVCache:
         view = object.__new__(KVCache)
         view.k = [k[start:stop] for k in self.k]
         view.v = [v[start:stop] for v in self.v]
-        view.batch_size, view.max_len, view.kv_len = stop - start, self.max_len, self.kv_len
+        view.batch_size, view.max_len, view.kv_len, view.dtype = stop - start, self.max_len, self.kv_len, self.dtype
         view._rows = self._rows[: stop - start]
         return view
 
@@ -112,11 +112,11 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
     return angles.cos().to(device), angles.sin().to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, D) by cos/sin (B, T, 1, D)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by cos/sin (B, T, 1, D) in float32; the result in `dtype` (x's by default)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return (x * cos + rotated * sin).to(dtype or x.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,15 +166,15 @@ class Attention(nn.Module):
         H, H_kv = cfg.n_head, cfg.n_kv_head
         qkv = self.qkv(x).unflatten(-1, (H + 2 * H_kv, cfg.head_dim))  # (B, T, heads, D)
         qk, v = qkv[:, :, : H + H_kv], qkv[:, :, H + H_kv :]
+        attention_dtype = qkv.dtype if cache is None else cache.dtype  # the cache's precision (see KVCache)
         if cfg.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
-        if rope is not None:
-            qk = apply_rope(qk, *rope)  # q and k heads rotated together: one set of ops, not two
-        q, k = qk.transpose(1, 2).split([H, H_kv], dim=1)
+        if rope is not None:  # q and k heads rotated together: one set of ops, not two
+            qk = apply_rope(qk, *rope, dtype=attention_dtype)
+        q, k = qk.to(attention_dtype).transpose(1, 2).split([H, H_kv], dim=1)
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, k, v, positions)
-            q = q.to(k.dtype)  # attention runs in the cache's precision (see KVCache)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,

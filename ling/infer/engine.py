@@ -25,10 +25,11 @@ output is therefore the same alone or in any batch (tested).
 
 Speed on CPU comes from (1) linear weights prepacked for oneDNN (`prepack.py`), (2) an
 fp32 KV cache, whose attention kernel is much faster than bf16's for one query per row,
-(3) reading only the cache slots in use (`KVCache.kv_len`), (4) little per-step work
-besides the forward itself: one argmax for a greedy batch, no mask or buffer rebuilt. `torch.compile` of the decode
-step is available (`compile=True`) but off by default: on CPU it does not pay (see
-BENCHMARKS.md, section Inference); on GPU it is untested here.
+(3) reading only the cache slots in use (`KVCache.kv_len`), (4) little work per step
+besides the forward: preallocated token/position buffers updated in place, one argmax for
+a greedy batch. `torch.compile` of the decode step is available (`compile=True`) but off
+by default: on CPU it does not pay (see BENCHMARKS.md, section Inference); on GPU it is
+untested here.
 
 Threading: `add_request` and `abort` may be called from any thread; `step` (and therefore
 `generate` / `stream`) from one thread at a time.
