@@ -3,6 +3,7 @@
 import torch
 
 from ling.config import ModelConfig
+from ling.infer.engine import Engine
 from ling.infer.generate import generate_tokens
 from ling.model import build_model
 
@@ -36,3 +37,10 @@ def test_generation_stops_at_a_stop_id_and_at_the_context_limit():
     assert stopped == greedy[: greedy.index(greedy[2]) + 1]
     long = list(generate_tokens(model, list(range(60)), 100, temperature=0))
     assert len(long) == 4  # context_length 64
+
+
+def test_a_compiled_model_is_sampled_through_its_bare_module():
+    model = build_model(ModelConfig.from_name("tiny")).eval()
+    compiled = torch.compile(model)  # e.g. the trainer's: decoding must not trace it step by step
+    assert Engine(compiled).model is model
+    assert list(generate_tokens(compiled, [1, 2, 3], 8, temperature=0)) == list(generate_tokens(model, [1, 2, 3], 8, temperature=0))

@@ -48,7 +48,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ling.checkpoint import load_checkpoint, resolve_dtype
+from ling.checkpoint import load_checkpoint, resolve_dtype, unwrap
 from ling.errors import LingError
 from ling.infer.detokenize import IncrementalDetokenizer, StopStrings
 from ling.infer.prepack import can_prepack, prepack_linears
@@ -128,6 +128,7 @@ class Engine:
         else:
             if device is not None or dtype is not None:
                 raise LingError("Engine(model): device and dtype come from the model; move it with model.to(...)")
+            model = unwrap(model)  # a torch.compile / DDP wrapper (e.g. the trainer's): decode the bare model
             owned = False
         self.model = model.eval()
         self.tokenizer = tokenizer
