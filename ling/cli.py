@@ -37,7 +37,9 @@ class Command:
 
 
 # Commands are imported only when run, so `ling --help` stays fast.
-COMMANDS: dict[str, Command | dict[str, Command]] = {}
+COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "serve": Command("ling.serve.server:ServeArgs:serve", "serve a checkpoint: OpenAI-compatible API + chat page"),
+}
 
 
 def usage() -> str:
