@@ -61,6 +61,9 @@ def build_state(args: ServeArgs):
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    for name in ("max_batch_size", "max_queue", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise LingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     model, tokenizer = load_checkpoint(args.ckpt, device=device, dtype=dtype)
     if tokenizer is None:
         raise LingError(f"{args.ckpt}: no tokenizer.json — the server needs the checkpoint's tokenizer")
@@ -69,9 +72,6 @@ def build_state(args: ServeArgs):
     if not 1 < max_model_len <= context:
         raise LingError(f"--max-model-len must be between 2 and the model's context length {context}, "
                         f"got {max_model_len}")
-    for name in ("max_batch_size", "max_queue", "max_body_bytes"):
-        if getattr(args, name) < 1:
-            raise LingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     metrics = Metrics()
     runner = BatchRunner(model, tokenizer, args.max_batch_size, max_model_len)
     scheduler = Scheduler(runner, args.max_queue, metrics)
@@ -118,8 +118,14 @@ def serve(args: ServeArgs) -> None:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise LingError(f"'ling serve' needs the serve extra ({e.name} is missing): pip install 'ling[serve]'") from None
-    state = build_state(args)
-    sock = listen(args.host, args.port)
+    if not 0 <= args.port <= 65535:
+        raise LingError(f"--port must be between 0 and 65535 (0 = any free port), got {args.port}")
+    sock = listen(args.host, args.port)  # first, so that a port in use fails before the model loads
+    try:
+        state = build_state(args)
+    except BaseException:
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
     where = f"[{host}]" if ":" in host else host
     auth = " (API key required)" if state.api_key else ""
