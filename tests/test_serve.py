@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 
 import httpx
 import openai
@@ -67,6 +69,14 @@ def metric(url, name) -> float:
             if line.split(" ")[0] == name or name.endswith("}"):
                 return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def wait_until(condition, timeout=30.0):
+    """Poll `condition` until it holds (fails the test after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
 
 
 # ---- the happy paths ---------------------------------------------------------------------------
@@ -296,6 +306,18 @@ def test_disconnect_mid_stream_frees_the_slot(long_ckpt):
         assert metric(url, 'ling_sequences_finished_total{reason="cancelled"}') == 1
         assert metric(url, 'ling_sequences_finished_total{reason="length"}') == 1
         assert metric(url, "ling_generation_tokens_total") < 2000
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_the_slot(long_ckpt):
+    with live_server(ServeArgs(ckpt=str(long_ckpt), max_batch_size=1)) as (url, _):
+        payload = json.dumps({"prompt": "Speak", "max_tokens": 2000, "temperature": 0}).encode()
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as raw:
+            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+            wait_until(lambda: httpx.get(url + "/health").json()["running"] == 1)  # it is generating
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Speak", "max_tokens": 3}, timeout=30)
+        assert r.json()["usage"]["completion_tokens"] == 3
+        assert metric(url, "ling_generation_tokens_total") < 2000  # the hung-up request did not run to its end
 
 
 def test_full_queue_answers_503_with_retry_after(long_ckpt):

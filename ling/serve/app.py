@@ -20,6 +20,7 @@ from typing import AsyncIterator
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ling.errors import LingError
 from ling.serve.metrics import Metrics
@@ -128,10 +129,13 @@ async def read_json(request: Request, limit: int):
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    except ClientDisconnect:  # gone before the body arrived: nobody to answer
+        raise APIError(400, "the client disconnected while sending the request", code="client_disconnected") from None
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -1,0 +1,221 @@
+"""Serving under load: `ling serve` vs `transformers serve --continuous-batching`, side by side.
+
+    python benchmarks/bench_serve.py [--clients 1 8] [--requests 4] [--max-tokens 128] [--rounds 3]
+                                     [--max-batch-size 8] [--peer transformers|none]
+
+Both servers run at once, on the same machine, with the same model shape (Llama-style,
+6 layers × 384, SwiGLU, RoPE, untied head) and the same byte-level BPE tokenizer and chat
+template; the weights are random (their values do not change the cost), with the EOS row of
+the LM head zeroed so that greedy decoding never stops early: every request generates
+exactly --max-tokens tokens on both servers.
+
+Each client is a closed loop: it sends a streaming chat request (a passage of
+tinyshakespeare as the user message, greedy), reads the stream to the end, then sends the
+next, --requests times. Every round runs every (server, clients) case once, interleaved,
+so a busy machine slows all cases alike. Reported per case:
+
+- aggregate tokens/s: completion tokens of all clients / wall time of the case (median of rounds)
+- time to first token (TTFT): request sent → first chunk with text (p50, p99 over all requests)
+- per-token latency (TPOT): (last chunk − first chunk) / (tokens − 1) of each request (p50, p99)
+
+The issue's target: ling's aggregate tokens/s with 8 concurrent clients ≥ 4× one client's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path("/work/shared/data/tinyshakespeare.txt")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|bos|>{{ m.role }}\n{{ m.content }}<|eos|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
+)
+SHAPE = dict(n_layer=6, n_embd=384, n_head=6, mlp_hidden=1024, context_length=1024)
+
+
+def make_models(text: str, out: Path) -> tuple[Path, Path]:
+    """The same model shape and tokenizer as a ling checkpoint and as a transformers directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from ling.checkpoint import save_model_dir
+    from ling.config import ModelConfig
+    from ling.model import build_model
+    from ling.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train_bpe([text], vocab_size=2048)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="bench", vocab_size=tokenizer.vocab_size, mlp="swiglu", norm="rmsnorm", position="rope",
+                      tie_embeddings=False, **SHAPE)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_id] = 0
+    save_model_dir(model, tokenizer, out / "ling")
+
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
+                         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                         num_key_value_heads=cfg.n_kv_head, max_position_embeddings=cfg.context_length,
+                         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False, bos_token_id=tokenizer.bos_id,
+                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    hf_model = LlamaForCausalLM(hf_cfg)
+    with torch.no_grad():
+        hf_model.lm_head.weight[tokenizer.eos_id] = 0
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend, bos_token="<|bos|>",
+                                           eos_token="<|eos|>", pad_token="<|pad|>")
+    hf_tokenizer.chat_template = CHAT_TEMPLATE
+    hf_model.save_pretrained(out / "hf")
+    hf_tokenizer.save_pretrained(out / "hf")
+    return out / "ling", out / "hf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, name: str, command: list[str], url: str | None, model: str):
+        self.name, self.model = name, model
+        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"})
+        if url is None:  # ling prints where it listens (it was given port 0)
+            line = self.proc.stdout.readline()
+            url = re.search(r"at (http://[\d.]+:\d+)/v1", line).group(1)
+        self.url = url
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"{name} did not start")
+            time.sleep(0.5)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> dict:
+    body = {"model": server.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    sent = time.perf_counter()
+    first = last = None
+    chunks = 0
+    async with client.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            if choices[0].get("delta", {}).get("content"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                chunks += 1
+    return {"ttft": first - sent, "tpot": (last - first) / (max_tokens - 1), "chunks": chunks}
+
+
+async def run_case(server: Server, clients: int, requests: int, max_tokens: int, prompts: list[str]) -> dict:
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=clients + 4)) as client:
+        async def closed_loop(c):
+            return [await one_request(client, server, prompts[(c * requests + i) % len(prompts)], max_tokens)
+                    for i in range(requests)]
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(closed_loop(c) for c in range(clients)))
+        wall = time.perf_counter() - start
+    flat = [r for rs in results for r in rs]
+    return {"tok_s": len(flat) * max_tokens / wall, "ttft": [r["ttft"] for r in flat], "tpot": [r["tpot"] for r in flat]}
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--requests", type=int, default=4, help="requests per client per case")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--peer", choices=["transformers", "none"], default="transformers")
+    parser.add_argument("--data", type=Path, default=DATA)
+    args = parser.parse_args()
+
+    text = args.data.read_text()
+    rng = random.Random(0)
+    starts = [rng.randrange(len(text) - 400) for _ in range(64)]
+    prompts = [text[s:s + rng.randrange(100, 400)] for s in starts]  # ~25-100 tokens each
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ling_dir, hf_dir = make_models(text, Path(tmp))
+        servers = [Server("ling serve", [sys.executable, "-m", "ling", "serve", str(ling_dir), "--port", "0",
+                                         "--max-batch-size", str(args.max_batch_size)], None, "ling")]
+        if args.peer == "transformers":
+            port = free_port()
+            servers.append(Server("transformers serve", [
+                sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir), "--port", str(port),
+                "--device", "cpu", "--continuous-batching", "--log-level", "error"],
+                f"http://localhost:{port}", str(hf_dir)))
+        try:
+            for server in servers:  # warm-up: first-request costs (allocation, lazy init) are not measured
+                asyncio.run(run_case(server, max(args.clients), 1, 8, prompts))
+            stats = {(s.name, c): [] for s in servers for c in args.clients}
+            for r in range(args.rounds):
+                for clients in args.clients:
+                    for server in servers:
+                        stats[server.name, clients].append(
+                            asyncio.run(run_case(server, clients, args.requests, args.max_tokens, prompts)))
+                        print(f"round {r + 1}: {server.name:<20} {clients} clients "
+                              f"{stats[server.name, clients][-1]['tok_s']:7.1f} tok/s", file=sys.stderr)
+        finally:
+            for server in servers:
+                server.stop()
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}; date {time.strftime('%Y-%m-%d')}")
+    print(f"command: python benchmarks/bench_serve.py --clients {' '.join(map(str, args.clients))} "
+          f"--requests {args.requests} --max-tokens {args.max_tokens} --rounds {args.rounds} "
+          f"--max-batch-size {args.max_batch_size} --peer {args.peer}\n")
+    print("| server | clients | aggregate tok/s | × 1 client | TTFT p50 / p99 (ms) | per-token p50 / p99 (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for server in servers:
+        base = statistics.median(c["tok_s"] for c in stats[server.name, args.clients[0]])
+        for clients in args.clients:
+            cases = stats[server.name, clients]
+            tok_s = statistics.median(c["tok_s"] for c in cases)
+            ttft = [t * 1000 for c in cases for t in c["ttft"]]
+            tpot = [t * 1000 for c in cases for t in c["tpot"]]
+            print(f"| {server.name} | {clients} | {tok_s:.1f} | {tok_s / base:.2f}× | {pct(ttft, 50):.0f} / "
+                  f"{pct(ttft, 99):.0f} | {pct(tpot, 50):.1f} / {pct(tpot, 99):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
