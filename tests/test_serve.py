@@ -303,7 +303,7 @@ def test_disconnect_mid_stream_frees_the_slot(long_ckpt):
         # The only row was taken by the stream above: this request completes only once it is free.
         r = httpx.post(url + "/v1/completions", json={"prompt": "Speak", "max_tokens": 3}, timeout=30)
         assert r.json()["usage"]["completion_tokens"] == 3
-        assert metric(url, 'ling_sequences_finished_total{reason="cancelled"}') == 1
+        assert metric(url, 'ling_sequences_finished_total{reason="abort"}') == 1
         assert metric(url, 'ling_sequences_finished_total{reason="length"}') == 1
         assert metric(url, "ling_generation_tokens_total") < 2000
 

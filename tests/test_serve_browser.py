@@ -87,5 +87,5 @@ def test_chat_page_streams_a_reply_and_the_stop_button_ends_it(server, browser):
     wait_for(browser, lambda d: streaming.get_attribute("data-state") == "done", "stop did not end the reply")
     assert "(stopped)" in streaming.text
     assert browser.find_element(By.ID, "send").is_enabled() and not browser.find_element(By.ID, "stop").is_enabled()
-    wait_for(browser, lambda d: 'ling_sequences_finished_total{reason="cancelled"} 1.0' in httpx.get(server + "/metrics").text,
+    wait_for(browser, lambda d: 'ling_sequences_finished_total{reason="abort"} 1.0' in httpx.get(server + "/metrics").text,
              "the server did not cancel the stopped reply")

@@ -9,6 +9,7 @@ needs `Authorization: Bearer KEY`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import time
@@ -26,12 +27,9 @@ from ling.errors import LingError
 from ling.serve.metrics import Metrics
 from ling.serve.protocol import (APIError, ChatRequest, CompletionRequest, error_body, new_id, now, parse_request,
                                  usage)
-from ling.serve.runner import SamplingParams, Sequence
+from ling.serve.runner import SamplingParams
 from ling.serve.scheduler import Event, QueueFull, Scheduler
 from ling.tokenizer import Tokenizer
-
-ABORTED = "abort"
-"""finish_reason of a sequence cut short by a server shutdown (as vLLM names it)"""
 
 
 @dataclass
@@ -84,8 +82,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": state.model_name, "running": len(state.scheduler.running),
-                "waiting": len(state.scheduler.waiting)}
+        return {"status": "ok", "model": state.model_name, "running": state.scheduler.running,
+                "waiting": state.scheduler.waiting}
 
     @app.get("/metrics")
     async def metrics():
@@ -150,9 +148,9 @@ async def handle(state: ServerState, request: Request, kind: str):
         req = parse_request(ChatRequest if kind == "chat" else CompletionRequest, body)
         check_model(state, req.model)
         prompts = chat_prompt(state, req) if kind == "chat" else completion_prompts(state, req)
-        sequences = make_sequences(state, req, prompts)
+        requests = sampling_requests(state, req, prompts)
         try:
-            submission = state.scheduler.submit(sequences)
+            submission = state.scheduler.submit(requests)
         except QueueFull as e:
             raise APIError(503, f"The server is busy: {e}. Retry later.", type="server_error",
                            code="server_busy", headers={"Retry-After": "1"}) from None
@@ -217,14 +215,12 @@ def encode(state: ServerState, text: str, param: str, add_special_tokens: bool =
     return ids
 
 
-def make_sequences(state: ServerState, req, prompts: list[list[int]]) -> list[Sequence]:
-    """n sequences per prompt; with a seed, choice i samples with seed + i (choice 0 = n=1)."""
+def sampling_requests(state: ServerState, req, prompts: list[list[int]]) -> list[tuple[list[int], SamplingParams]]:
+    """(prompt ids, sampling params) for n sequences per prompt; with a seed, choice i samples
+    with seed + i (so choice 0 is what the same request with n = 1 gives)."""
     limit = state.max_model_len
     param = "messages" if isinstance(req, ChatRequest) else "prompt"
-    base = SamplingParams(max_tokens=0, temperature=req.temperature, top_p=req.top_p,
-                          presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                          stop=tuple(req.stop), logprobs=req.logprobs_count)
-    sequences = []
+    requests = []
     for prompt in prompts:
         room = limit - len(prompt)
         if room < 1:
@@ -237,11 +233,14 @@ def make_sequences(state: ServerState, req, prompts: list[list[int]]) -> list[Se
                            f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the {param}, {max_tokens} "
                            f"in the completion). Reduce the {param} or max_tokens.",
                            param="max_tokens", code="context_length_exceeded")
+        top = req.logprobs_count
         for i in range(req.n):
-            seed = None if req.seed is None else req.seed + i
-            params = replace(base, max_tokens=max_tokens or room, seed=seed)
-            sequences.append(Sequence(prompt=prompt, params=params))
-    return sequences
+            params = SamplingParams(
+                max_new_tokens=max_tokens or room, temperature=req.temperature, top_p=req.top_p,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, stop=list(req.stop),
+                seed=None if req.seed is None else req.seed + i, logprobs=top is not None, top_logprobs=top or 0)
+            requests.append((prompt, params))
+    return requests
 
 
 class Answer:
@@ -253,6 +252,7 @@ class Answer:
         self.created = now()
         self.object = "chat.completion" if kind == "chat" else "text_completion"
         self.prompt_tokens = sum(len(p) for p in prompts)
+        self.text_offset = collections.Counter()
 
     async def whole(self, submission) -> dict:
         n = len(submission.handles)
@@ -262,14 +262,14 @@ class Answer:
             texts[index] += event.text
             logprobs[index] += event.logprobs
             if event.finish_reason is not None:
-                reasons[index], tokens[index] = finish_reason(event), event.completion_tokens
+                reasons[index], tokens[index] = event.finish_reason, event.completion_tokens
         choices = []
         for i in range(n):
             if self.kind == "chat":
                 choice = {"index": i, "message": {"role": "assistant", "content": texts[i]},
-                          "logprobs": self._logprobs(logprobs[i]), "finish_reason": reasons[i]}
+                          "logprobs": self._logprobs(logprobs[i], i), "finish_reason": reasons[i]}
             else:
-                choice = {"index": i, "text": texts[i], "logprobs": self._logprobs(logprobs[i]),
+                choice = {"index": i, "text": texts[i], "logprobs": self._logprobs(logprobs[i], i),
                           "finish_reason": reasons[i]}
             choices.append(choice)
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.state.model_name,
@@ -287,9 +287,9 @@ class Answer:
                 if event.error is not None:
                     yield sse(error_body(event.error, type="server_error"))
                     break
-                reason = finish_reason(event)
+                reason = event.finish_reason
                 if event.text or event.logprobs or reason is not None:
-                    yield self._chunk([self._delta(index, event.text, self._logprobs(event.logprobs), reason)])
+                    yield self._chunk([self._delta(index, event.text, self._logprobs(event.logprobs, index), reason)])
                 if reason is not None:
                     completion_tokens += event.completion_tokens
             if include_usage:
@@ -313,24 +313,26 @@ class Answer:
             chunk["usage"] = usage
         return sse(chunk)
 
-    def _logprobs(self, items) -> dict | None:
+    def _logprobs(self, items, index: int) -> dict | None:
         if self.req.logprobs_count is None:
             return None
+        token = lambda token_id: self.state.tokenizer.decode([token_id])  # noqa: E731
         if self.kind == "chat":
-            return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode()),
-                                 "top_logprobs": [{"token": tok, "logprob": lp, "bytes": list(tok.encode())}
-                                                  for tok, lp in t.top]} for t in items]}
-        return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
-                "top_logprobs": [dict(t.top) for t in items], "text_offset": []}
+            entry = lambda t, lp: {"token": t, "logprob": lp, "bytes": list(t.encode())}  # noqa: E731
+            return {"content": [{**entry(token(x.token_id), x.logprob),
+                                 "top_logprobs": [entry(token(i), lp) for i, lp in x.top]} for x in items]}
+        tokens = [token(x.token_id) for x in items]
+        offsets = []
+        for t in tokens:  # where each token starts in the choice's text
+            offsets.append(self.text_offset[index])
+            self.text_offset[index] += len(t)
+        return {"tokens": tokens, "token_logprobs": [x.logprob for x in items],
+                "top_logprobs": [{token(i): lp for i, lp in x.top} for x in items], "text_offset": offsets}
 
     @staticmethod
     def _raise_if_error(event: Event) -> None:
         if event.error is not None:
             raise APIError(500, event.error, type="server_error")
-
-
-def finish_reason(event: Event) -> str | None:
-    return ABORTED if event.finish_reason == "cancelled" else event.finish_reason
 
 
 def sse(obj) -> str:

@@ -1,26 +1,25 @@
-"""Continuous batching: one thread runs the model; HTTP handlers submit sequences and read events.
+"""Continuous batching for HTTP requests: one thread steps the engine; handlers submit and read.
 
-Each iteration of the loop (1) drops sequences whose clients went away, (2) prefills
-waiting sequences into free rows — so a request that arrives while others decode joins
-the batch at the next step — and (3) runs one decode step for all rows. Finished
-sequences leave at once and free their row. Tokens travel to the asyncio side through
-`loop.call_soon_threadsafe`, so the event loop never blocks on the model.
-
-The waiting queue is bounded: `submit` raises `QueueFull` rather than letting latency grow
-without limit (the app answers 503 + Retry-After).
+The engine keeps the running batch (a static KV cache with one row per sequence): each
+`step` drops aborted sequences, decodes one token for every running one and prefills
+waiting ones into free rows — so a request that arrives while others decode joins the batch
+at the next step, and a finished one leaves at once. This module adds what a server needs
+around it: a thread that steps while there is work (and sleeps when there is none), a
+bounded queue (`QueueFull` → HTTP 503), per-request event streams for the asyncio side
+(delivered with `loop.call_soon_threadsafe`, so the event loop never waits on the model),
+cancellation when a client goes away, and the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ling.serve.metrics import Metrics
-from ling.serve.runner import BatchRunner, Sequence, StepOutput
 
 log = logging.getLogger("ling.serve")
 
@@ -34,70 +33,97 @@ class Event:
     """A piece of one sequence's output, delivered to its request handler."""
 
     text: str
-    logprobs: list
+    logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    """tokens generated so far (the final count on the last event)"""
     error: str | None = None
+
+    @property
+    def last(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
 
 
 class Handle:
-    """The scheduler's view of one sequence: where its events go, and whether to stop it."""
+    """One sequence of a submission, as the scheduler thread sees it."""
 
-    def __init__(self, sequence: Sequence, index: int, submission: "Submission"):
-        self.sequence, self.index, self.submission = sequence, index, submission
-        self.cancelled = False
+    def __init__(self, submission: "Submission", index: int, request_id: str, prompt_tokens: int):
+        self.submission, self.index, self.request_id, self.prompt_tokens = submission, index, request_id, prompt_tokens
+        self.generated = 0
         self.last_token_at: float | None = None
 
-    def _deliver(self, event: Event) -> None:
+    def deliver(self, event: Event) -> None:
         self.submission.loop.call_soon_threadsafe(self.submission.events.put_nowait, (self.index, event))
 
 
 class Submission:
-    """The request side: the events of all its sequences as one async stream of (index, Event)."""
+    """The request side: the events of all its sequences, as one async stream of (index, Event)."""
 
-    def __init__(self, sequences: list[Sequence], loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+    def __init__(self, scheduler: "Scheduler", loop: asyncio.AbstractEventLoop):
+        self.scheduler, self.loop = scheduler, loop
         self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.handles = [Handle(s, i, self) for i, s in enumerate(sequences)]
+        self.handles: list[Handle] = []
         self.submitted_at = time.perf_counter()
+        self.open = 0
 
     def cancel(self) -> None:
-        """Stop generating (the client went away); the scheduler frees the rows at its next step."""
-        for handle in self.handles:
-            handle.cancelled = True
+        """Stop generating (the client went away); the engine frees the rows at its next step."""
+        if self.open:
+            self.scheduler.abort(self.handles)
 
     async def __aiter__(self):
-        open_ = len(self.handles)
-        while open_:
+        while self.open:
             index, event = await self.events.get()
+            if event.last:
+                self.open -= 1
             yield index, event
-            if event.finish_reason is not None or event.error is not None:
-                open_ -= 1
 
 
 class Scheduler:
-    def __init__(self, runner: BatchRunner, max_queue: int, metrics: Metrics):
-        self.runner, self.max_queue, self.metrics = runner, max_queue, metrics
-        self.waiting: collections.deque[Handle] = collections.deque()
-        self.running: dict[Sequence, Handle] = {}
+    def __init__(self, engine, max_queue: int, metrics: Metrics):
+        """`engine`: `ling.infer.Engine` (add_request / abort / step / has_work / num_running /
+        num_waiting); `max_queue`: most sequences waiting for a row."""
+        self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
+        self.handles: dict[str, Handle] = {}
+        self._ids = itertools.count()
         self._wake = threading.Condition()
-        self._closed = False
-        self._stopping = False
+        self._closed = self._stopping = False
         self._thread: threading.Thread | None = None
 
     # ---- request side (event loop thread) -------------------------------------------------
-    def submit(self, sequences: list[Sequence]) -> Submission:
-        """Queue sequences for generation; all or none (QueueFull)."""
-        submission = Submission(sequences, asyncio.get_running_loop())
+    def submit(self, requests: list[tuple[list[int], object]]) -> Submission:
+        """Queue (prompt ids, sampling params) pairs, all or none (`QueueFull`)."""
+        submission = Submission(self, asyncio.get_running_loop())
         with self._wake:
             if self._closed:
                 raise QueueFull("the server is shutting down")
-            if len(self.waiting) + len(sequences) > self.max_queue:
-                raise QueueFull(f"the queue is full ({len(self.waiting)} sequences waiting)")
-            self.waiting.extend(submission.handles)
-            self.metrics.queue_depth.set(len(self.waiting))
+            waiting = self.engine.num_waiting()
+            if waiting + len(requests) > self.max_queue:
+                raise QueueFull(f"{waiting} sequences are waiting already (--max-queue {self.max_queue})")
+            for index, (prompt_ids, params) in enumerate(requests):
+                handle = Handle(submission, index, f"seq-{next(self._ids)}", len(prompt_ids))
+                submission.handles.append(handle)
+                self.handles[handle.request_id] = handle
+                self.engine.add_request(prompt_ids, params, request_id=handle.request_id)
+            submission.open = len(requests)
+            self.metrics.queue_depth.set(self.engine.num_waiting())
             self._wake.notify()
         return submission
+
+    def abort(self, handles: list[Handle]) -> None:
+        with self._wake:
+            for handle in handles:
+                if handle.request_id in self.handles:
+                    self.engine.abort(handle.request_id)
+            self._wake.notify()
+
+    @property
+    def running(self) -> int:
+        return self.engine.num_running()
+
+    @property
+    def waiting(self) -> int:
+        return self.engine.num_waiting()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -109,83 +135,69 @@ class Scheduler:
         with self._wake:
             self._closed = True
 
-    def cancel_all(self) -> None:
-        """End every request in flight at the next step (finish_reason "cancelled")."""
-        with self._wake:
-            for handle in list(self.waiting) + list(self.running.values()):
-                handle.cancelled = True
-            self._wake.notify()
+    def abort_all(self) -> None:
+        """End every request in flight at the next step (finish_reason "abort")."""
+        self.abort(list(self.handles.values()))
 
     def stop(self) -> None:
-        """Cancel what is left and end the model thread."""
+        """Abort what is left and end the engine thread."""
         self.close()
-        self.cancel_all()
+        self.abort_all()
         with self._wake:
             self._stopping = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
 
-    # ---- the model thread -----------------------------------------------------------------
+    # ---- the engine thread ------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self.waiting and not self.running and not self._stopping:
+                while not self.engine.has_work() and not self._stopping:
                     self._wake.wait()
-                if self._stopping and not self.waiting and not self.running:
+                if self._stopping and not self.engine.has_work():
                     return
             try:
                 self.step()
             except Exception as e:  # a model failure fails the requests in flight, not the server
                 log.exception("generation step failed")
-                with self._wake:
-                    failed = list(self.running.values()) + list(self.waiting)
-                    self.waiting.clear()
-                for handle in failed:
-                    self._finish(handle, Event("", [], error=f"generation failed: {e}"))
+                self._fail_all(f"generation failed: {e}")
 
     def step(self) -> None:
-        """One scheduling iteration: drop cancelled, admit waiting, decode one token for all."""
-        for handle in [h for h in self.running.values() if h.cancelled]:
-            self._finish(handle, Event("", [], finish_reason="cancelled"))
-        admitted = []
-        with self._wake:
-            for handle in [h for h in self.waiting if h.cancelled]:
-                self.waiting.remove(handle)
-                self._finish(handle, Event("", [], finish_reason="cancelled"))
-            while self.waiting and self.runner.free_slots > len(admitted):
-                admitted.append(self.waiting.popleft())
-            self.metrics.queue_depth.set(len(self.waiting))
-        for handle in admitted:
-            self.running[handle.sequence] = handle
-            self.metrics.prompt_tokens.inc(len(handle.sequence.prompt))
-            self._publish(self.runner.add(handle.sequence))
-        if self.runner.rows:
-            self.metrics.batch_size.observe(len(self.runner.rows))
-            for output in self.runner.step():
-                self._publish(output)
-        self.metrics.running.set(len(self.runner.rows))
-
-    def _publish(self, output: StepOutput) -> None:
-        handle = self.running[output.sequence]
+        """One engine step; its deltas go to their requests."""
+        running = self.engine.num_running()
+        if running:
+            self.metrics.batch_size.observe(running)
+        deltas = self.engine.step()
         now = time.perf_counter()
-        if handle.last_token_at is None:
-            self.metrics.time_to_first_token.observe(now - handle.submission.submitted_at)
-        else:
-            self.metrics.time_per_output_token.observe(now - handle.last_token_at)
-        handle.last_token_at = now
-        self.metrics.generation_tokens.inc()
-        event = Event(output.text, output.logprobs, output.finish_reason)
-        if output.finish_reason is not None:
-            self._finish(handle, event)
-        else:
-            handle._deliver(event)
+        for delta in deltas:
+            handle = self.handles.get(delta.request_id)
+            if handle is not None:
+                self._route(handle, delta, now)
+        self.metrics.running.set(self.engine.num_running())
+        self.metrics.queue_depth.set(self.engine.num_waiting())
 
-    def _finish(self, handle: Handle, event: Event) -> None:
-        seq = handle.sequence
-        if seq in self.runner.rows:
-            self.runner.remove(seq)
-        self.running.pop(seq, None)
-        event.completion_tokens = len(seq.generated)
-        handle._deliver(event)
-        self.metrics.finished.labels(reason=event.finish_reason or "error").inc()
+    def _route(self, handle: Handle, delta, now: float) -> None:
+        if delta.token_ids:
+            if handle.last_token_at is None:
+                self.metrics.prompt_tokens.inc(handle.prompt_tokens)
+                self.metrics.time_to_first_token.observe(now - handle.submission.submitted_at)
+            else:
+                self.metrics.time_per_output_token.observe(now - handle.last_token_at)
+            handle.last_token_at = now
+            handle.generated += len(delta.token_ids)
+            self.metrics.generation_tokens.inc(len(delta.token_ids))
+        if delta.finish_reason is not None:
+            with self._wake:
+                del self.handles[handle.request_id]
+            self.metrics.finished.labels(reason=delta.finish_reason).inc()
+        handle.deliver(Event(delta.text, delta.logprobs, delta.finish_reason, handle.generated))
+
+    def _fail_all(self, message: str) -> None:
+        with self._wake:
+            failed, self.handles = list(self.handles.values()), {}
+            for handle in failed:
+                self.engine.abort(handle.request_id)
+        for handle in failed:
+            handle.deliver(Event("", error=message, completion_tokens=handle.generated))
+            self.metrics.finished.labels(reason="error").inc()

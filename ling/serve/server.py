@@ -90,7 +90,7 @@ def make_server(state, shutdown_timeout: float, log_level: str = "info"):
     class GracefulServer(uvicorn.Server):
         async def shutdown(self, sockets=None):
             state.scheduler.close()
-            asyncio.get_running_loop().call_later(shutdown_timeout, state.scheduler.cancel_all)
+            asyncio.get_running_loop().call_later(shutdown_timeout, state.scheduler.abort_all)
             await super().shutdown(sockets)
 
     config = uvicorn.Config(create_app(state), log_level=log_level, timeout_graceful_shutdown=shutdown_timeout + 10)
