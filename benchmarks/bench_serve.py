@@ -93,10 +93,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, command: list[str], url: str | None, model: str):
+    def __init__(self, name: str, command: list[str], url: str | None, model: str, threads: int):
         self.name, self.model = name, model
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads)}
         self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"})
+                                     env=env)
         if url is None:  # ling prints where it listens (it was given port 0)
             line = self.proc.stdout.readline()
             url = re.search(r"at (http://[\d.]+:\d+)/v1", line).group(1)
@@ -166,6 +167,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--peer", choices=["transformers", "none"], default="transformers")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads of each server (OMP_NUM_THREADS)")
     parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
 
@@ -177,13 +179,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         ling_dir, hf_dir = make_models(text, Path(tmp))
         servers = [Server("ling serve", [sys.executable, "-m", "ling", "serve", str(ling_dir), "--port", "0",
-                                         "--max-batch-size", str(args.max_batch_size)], None, "ling")]
+                                         "--max-batch-size", str(args.max_batch_size)], None, "ling", args.threads)]
         if args.peer == "transformers":
             port = free_port()
             servers.append(Server("transformers serve", [
                 sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir), "--port", str(port),
                 "--device", "cpu", "--continuous-batching", "--log-level", "error"],
-                f"http://localhost:{port}", str(hf_dir)))
+                f"http://localhost:{port}", str(hf_dir), args.threads))
         try:
             for server in servers:  # warm-up: first-request costs (allocation, lazy init) are not measured
                 asyncio.run(run_case(server, max(args.clients), 1, 8, prompts))
@@ -200,10 +202,10 @@ def main():
                 server.stop()
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}; date {time.strftime('%Y-%m-%d')}")
+          f"server threads {args.threads}, load average {os.getloadavg()[0]:.1f}; date {time.strftime('%Y-%m-%d')}")
     print(f"command: python benchmarks/bench_serve.py --clients {' '.join(map(str, args.clients))} "
           f"--requests {args.requests} --max-tokens {args.max_tokens} --rounds {args.rounds} "
-          f"--max-batch-size {args.max_batch_size} --peer {args.peer}\n")
+          f"--max-batch-size {args.max_batch_size} --threads {args.threads} --peer {args.peer}\n")
     print("| server | clients | aggregate tok/s | × 1 client | TTFT p50 / p99 (ms) | per-token p50 / p99 (ms) |")
     print("|---|---:|---:|---:|---:|---:|")
     for server in servers:

@@ -14,7 +14,7 @@ import hmac
 import json
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from typing import AsyncIterator
 
@@ -54,7 +54,6 @@ def create_app(state: ServerState) -> FastAPI:
         state.scheduler.stop()
 
     app = FastAPI(title="ling", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.ling = state
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -168,6 +167,7 @@ async def handle(state: ServerState, request: Request, kind: str):
         return await answer.whole(submission)
     finally:
         watcher.cancel()
+        submission.cancel()  # a no-op once the answer is whole
         state.metrics.request_latency.labels(route=route).observe(time.perf_counter() - started)
 
 
