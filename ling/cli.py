@@ -39,6 +39,10 @@ class Command:
 # Commands are imported only when run, so `ling --help` stays fast.
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "prepare": Command("ling.data.prepare:PrepareArgs:prepare", "tokenize text, jsonl, parquet or URLs into a dataset directory"),
+    "convert": {
+        "from-hf": Command("ling.hf.convert:FromHFArgs:from_hf", "Hugging Face model directory → ling checkpoint"),
+        "to-hf": Command("ling.hf.convert:ToHFArgs:to_hf", "ling checkpoint → Hugging Face model directory"),
+    },
     "serve": Command("ling.serve.server:ServeArgs:serve", "serve a checkpoint: OpenAI-compatible API + chat page"),
 }
 

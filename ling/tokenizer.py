@@ -95,7 +95,12 @@ class Tokenizer:
     # ---- files ------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        """Load `tokenizer.json` (a file, or a directory holding it and tokenizer_config.json)."""
+        """Load `tokenizer.json` (a file, or a directory holding it and tokenizer_config.json).
+
+        The result encodes as transformers' `AutoTokenizer` does for the same files: see
+        `_configure_like_transformers`. The chat template comes from tokenizer_config.json
+        or, as transformers 5 saves it, from chat_template.jinja beside it.
+        """
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.exists():
@@ -111,6 +116,10 @@ class Tokenizer:
                 config = json.loads(config_file.read_text())
             except json.JSONDecodeError as e:
                 raise LingError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+        template_file = file.parent / "chat_template.jinja"
+        if template_file.exists():
+            config["chat_template"] = template_file.read_text()
+        _configure_like_transformers(backend, config)
         return cls(backend, config)
 
     def save(self, directory: str | Path) -> None:
@@ -215,7 +224,10 @@ class Tokenizer:
 
     @property
     def chat_template(self) -> str | None:
-        return self.config.get("chat_template")
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates, as some hub models ship them: use the default
+            return {t.get("name"): t.get("template") for t in template}.get("default")
+        return template
 
     @chat_template.setter
     def chat_template(self, template: str | None) -> None:
@@ -257,6 +269,28 @@ def _char_lookup_table(backend: HFTokenizer, model: dict) -> np.ndarray | None:
     table = np.full(max(singles, default=0) + 2, -1, dtype=np.int64)
     table[list(singles)] = list(singles.values())
     return table
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _configure_like_transformers(backend: HFTokenizer, config: dict) -> None:
+    """Adjust a loaded tokenizer.json the way transformers does when it loads the same files.
+
+    - special tokens named in tokenizer_config.json but absent from tokenizer.json are added;
+    - BOS/EOS come from tokenizer.json's post-processor alone: transformers 5 ignores
+      `add_bos_token` / `add_eos_token` in tokenizer_config.json, and so does ling;
+    - truncation and padding stored in tokenizer.json are off (as in a plain transformers call);
+    - `split_special_tokens` makes special-token text encode as ordinary text.
+    """
+    named = [_token_content(config.get(key)) for key in NAMED_SPECIAL_TOKENS]
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    if isinstance(extra, dict):  # transformers 5 may store them by name
+        extra = list(extra.values())
+    for token in [*named, *(_token_content(t) for t in extra)]:
+        if token is not None and backend.token_to_id(token) is None:
+            backend.add_special_tokens([token])
+    backend.no_truncation()
+    backend.no_padding()
+    backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
 
 
 def _default_config() -> dict:
