@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 from pathlib import Path
 
 import httpx
@@ -18,8 +20,29 @@ WAIT = 30  # seconds a condition may take before the test fails (not a timing as
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = make_checkpoint(tmp_path_factory.mktemp("browser") / "tiny-chat", context_length=2048)
-    with live_server(ServeArgs(ckpt=str(ckpt), max_batch_size=2)) as (url, _):
-        yield url
+    with live_server(ServeArgs(ckpt=str(ckpt), max_batch_size=2)) as (url, state):
+        yield url, state
+
+
+@contextlib.contextmanager
+def held_after(state, tokens: int):
+    """Let a reply stream `tokens` tokens, then hold the engine until the block ends: the test
+    acts on a reply that is surely still running, whatever the machine's speed."""
+    release = threading.Event()
+    engine = state.scheduler.engine
+    step = engine.step
+
+    def held_step():
+        if any(h.generated >= tokens for h in list(state.scheduler.handles.values())):
+            release.wait()
+        return step()
+
+    engine.step = held_step
+    try:
+        yield
+    finally:
+        release.set()
+        del engine.step
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +56,8 @@ def browser(tmp_path_factory):
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+                 "--disable-dev-shm-usage", "--disable-crash-reporter", "--disable-breakpad",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
     yield driver
@@ -43,19 +67,21 @@ def browser(tmp_path_factory):
 def wait_for(driver, condition, message):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT).until(lambda d: condition(d), message)
+    return WebDriverWait(driver, WAIT, poll_frequency=0.05).until(lambda d: condition(d), message)
 
 
 def test_page_has_no_external_resources(server):
-    html = httpx.get(server + "/").text
+    html = httpx.get(server[0] + "/").text
     assert "<script>" in html and "<style>" in html
     assert not re.search(r"""(src|href)\s*=|@import|https?://|//cdn""", html)
 
 
+@pytest.mark.timeout(120)
 def test_chat_page_streams_a_reply_and_the_stop_button_ends_it(server, browser):
     from selenium.webdriver.common.by import By
 
-    browser.get(server + "/")
+    url, state = server
+    browser.get(url + "/")
     wait_for(browser, lambda d: d.find_element(By.ID, "model").text == "tiny-chat", "the page did not list the model")
     system, temperature = browser.find_element(By.ID, "system"), browser.find_element(By.ID, "temperature")
     system.send_keys("You are a tiny test model.")
@@ -68,7 +94,7 @@ def test_chat_page_streams_a_reply_and_the_stop_button_ends_it(server, browser):
     reply = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, ".message.assistant[data-state=done]"),
                      "no finished reply appeared")
     assert browser.find_element(By.CSS_SELECTOR, ".message.user").text == "Speak, speak."
-    expected = httpx.post(server + "/v1/chat/completions", json={
+    expected = httpx.post(url + "/v1/chat/completions", json={
         "messages": [{"role": "system", "content": "You are a tiny test model."},
                      {"role": "user", "content": "Speak, speak."}],
         "temperature": 0, "max_tokens": 24}).json()["choices"][0]["message"]["content"]
@@ -76,16 +102,17 @@ def test_chat_page_streams_a_reply_and_the_stop_button_ends_it(server, browser):
     assert browser.execute_script("return arguments[0].firstChild.textContent", reply) == expected
     assert "length limit" in reply.text
 
-    # A long reply: stop it once text is streaming; the server sees the client go away.
+    # A long reply (no token limit): stop it while it streams; the server sees the client go away.
     browser.find_element(By.ID, "max-tokens").clear()
-    browser.find_element(By.ID, "input").send_keys("Again, at length.")
-    browser.find_element(By.ID, "send").click()
-    streaming = wait_for(browser, lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".message.assistant")
-                                             if e.get_attribute("data-state") == "streaming" and e.text.strip()],
-                         "the second reply did not start streaming")[0]
-    browser.find_element(By.ID, "stop").click()
-    wait_for(browser, lambda d: streaming.get_attribute("data-state") == "done", "stop did not end the reply")
+    with held_after(state, tokens=40):
+        browser.find_element(By.ID, "input").send_keys("Again, at length.")
+        browser.find_element(By.ID, "send").click()
+        streaming = wait_for(browser, lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".message.assistant")
+                                                 if e.get_attribute("data-state") == "streaming" and e.text.strip()],
+                             "the second reply did not start streaming")[0]
+        browser.find_element(By.ID, "stop").click()
+        wait_for(browser, lambda d: streaming.get_attribute("data-state") == "done", "stop did not end the reply")
     assert "(stopped)" in streaming.text
     assert browser.find_element(By.ID, "send").is_enabled() and not browser.find_element(By.ID, "stop").is_enabled()
-    wait_for(browser, lambda d: 'ling_sequences_finished_total{reason="abort"} 1.0' in httpx.get(server + "/metrics").text,
-             "the server did not cancel the stopped reply")
+    wait_for(browser, lambda d: 'ling_sequences_finished_total{reason="abort"} 1.0' in httpx.get(url + "/metrics").text,
+             "the server did not abort the stopped reply")
