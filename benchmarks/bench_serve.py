@@ -3,11 +3,12 @@
     python benchmarks/bench_serve.py [--clients 1 8] [--requests 4] [--max-tokens 128] [--rounds 3]
                                      [--max-batch-size 8] [--peer transformers|none]
 
-Both servers run at once, on the same machine, with the same model shape (Llama-style,
-6 layers × 384, SwiGLU, RoPE, untied head) and the same byte-level BPE tokenizer and chat
-template; the weights are random (their values do not change the cost), with the EOS row of
-the LM head zeroed so that greedy decoding never stops early: every request generates
-exactly --max-tokens tokens on both servers.
+Both servers run at once, on the same machine, and load the same transformers directory: a
+Llama-style model (6 layers × 384, SwiGLU, RoPE, untied head, 1024 positions) with a
+byte-level BPE tokenizer (2048 entries, trained on tinyshakespeare) and a chat template. The
+weights are random (their values do not change the cost) and the EOS row of the LM head is
+zero, so greedy decoding never stops early: every request generates exactly --max-tokens
+tokens on both servers.
 
 Each client is a closed loop: it sends a streaming chat request (a passage of
 tinyshakespeare as the user message, greedy), reads the stream to the end, then sends the
@@ -48,42 +49,30 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|bos|>{{ m.role }}\n{{ m.content }}<|eos|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
 )
-SHAPE = dict(n_layer=6, n_embd=384, n_head=6, mlp_hidden=1024, context_length=1024)
 
 
-def make_models(text: str, out: Path) -> tuple[Path, Path]:
-    """The same model shape and tokenizer as a ling checkpoint and as a transformers directory."""
+def make_model(text: str, out: Path) -> Path:
+    """A random-init Llama-style model with a BPE tokenizer and chat template, as a transformers
+    directory: both servers load this same directory (ling converts it on the fly)."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from ling.checkpoint import save_model_dir
-    from ling.config import ModelConfig
-    from ling.model import build_model
     from ling.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train_bpe([text], vocab_size=2048)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=384, intermediate_size=1024,
+                         num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+                         max_position_embeddings=1024, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     torch.manual_seed(0)
-    cfg = ModelConfig(name="bench", vocab_size=tokenizer.vocab_size, mlp="swiglu", norm="rmsnorm", position="rope",
-                      tie_embeddings=False, **SHAPE)
-    model = build_model(cfg)
+    model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.lm_head.weight[tokenizer.eos_id] = 0
-    save_model_dir(model, tokenizer, out / "ling")
-
-    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
-                         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                         num_key_value_heads=cfg.n_kv_head, max_position_embeddings=cfg.context_length,
-                         rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False, bos_token_id=tokenizer.bos_id,
-                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    hf_model = LlamaForCausalLM(hf_cfg)
-    with torch.no_grad():
-        hf_model.lm_head.weight[tokenizer.eos_id] = 0
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend, bos_token="<|bos|>",
                                            eos_token="<|eos|>", pad_token="<|pad|>")
     hf_tokenizer.chat_template = CHAT_TEMPLATE
-    hf_model.save_pretrained(out / "hf")
-    hf_tokenizer.save_pretrained(out / "hf")
-    return out / "ling", out / "hf"
+    model.save_pretrained(out / "model")
+    hf_tokenizer.save_pretrained(out / "model")
+    return out / "model"
 
 
 def free_port() -> int:
@@ -177,15 +166,16 @@ def main():
     prompts = [text[s:s + rng.randrange(100, 400)] for s in starts]  # ~25-100 tokens each
 
     with tempfile.TemporaryDirectory() as tmp:
-        ling_dir, hf_dir = make_models(text, Path(tmp))
-        servers = [Server("ling serve", [sys.executable, "-m", "ling", "serve", str(ling_dir), "--port", "0",
-                                         "--max-batch-size", str(args.max_batch_size)], None, "ling", args.threads)]
+        model_dir = make_model(text, Path(tmp))
+        servers = [Server("ling serve", [sys.executable, "-m", "ling", "serve", str(model_dir), "--port", "0",
+                                         "--max-batch-size", str(args.max_batch_size), "--model-name", str(model_dir)],
+                          None, str(model_dir), args.threads)]
         if args.peer == "transformers":
             port = free_port()
             servers.append(Server("transformers serve", [
-                sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir), "--port", str(port),
+                sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir), "--port", str(port),
                 "--device", "cpu", "--continuous-batching", "--log-level", "error"],
-                f"http://localhost:{port}", str(hf_dir), args.threads))
+                f"http://localhost:{port}", str(model_dir), args.threads))
         try:
             for server in servers:  # warm-up: first-request costs (allocation, lazy init) are not measured
                 asyncio.run(run_case(server, max(args.clients), 1, 8, prompts))
