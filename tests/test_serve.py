@@ -224,6 +224,7 @@ MALFORMED = [
     ("chat", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("chat", {**CHAT, "stop": [""]}, "stop"),
     ("chat", {**CHAT, "seed": "abc"}, "seed"),
+    ("chat", {**CHAT, "seed": 2**64}, "seed"),
     ("chat", {**CHAT, "stream": "yes please"}, "stream"),
     ("chat", {**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
     ("chat", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
@@ -331,5 +332,5 @@ def test_full_queue_answers_503_with_retry_after(long_ckpt):
                 r = httpx.post(url + "/v1/completions", json={"prompt": "Speak", "max_tokens": 1})
                 assert r.status_code == 503 and r.headers["Retry-After"] == "1"
                 assert r.json()["error"]["code"] == "server_busy"
-                too_many = httpx.post(url + "/v1/completions", json={"prompt": "Speak", "n": 2})
-                assert too_many.status_code == 503
+                never = httpx.post(url + "/v1/completions", json={"prompt": "Speak", "n": 2})
+                assert never.status_code == 400 and never.json()["error"]["param"] == "n"  # 2 > --max-queue 1

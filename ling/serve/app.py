@@ -220,6 +220,9 @@ def sampling_requests(state: ServerState, req, prompts: list[list[int]]) -> list
     with seed + i (so choice 0 is what the same request with n = 1 gives)."""
     limit = state.max_model_len
     param = "messages" if isinstance(req, ChatRequest) else "prompt"
+    if len(prompts) * req.n > state.scheduler.max_queue:
+        raise APIError(400, f"{len(prompts) * req.n} sequences (prompts × n) can never fit the server's queue of "
+                       f"{state.scheduler.max_queue}", param="n")
     requests = []
     for prompt in prompts:
         room = limit - len(prompt)

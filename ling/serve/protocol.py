@@ -1,4 +1,4 @@
-"""The OpenAI wire format: request bodies (validated by pydantic), responses, stream chunks, errors.
+"""The OpenAI wire format: request bodies (validated by pydantic), errors, and response helpers.
 
 Requests keep OpenAI's rules: unknown fields are ignored; a value outside its range is an
 HTTP 400 whose body is OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`,
@@ -64,7 +64,8 @@ class _Request(BaseModel):
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: list[str] = Field(default_factory=list)
     """one string or up to four; OpenAI accepts both (and null)"""
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1 - MAX_N)] | None = None
+    """int64, as torch.Generator takes it (choice i samples with seed + i)"""
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     stream: bool = False
