@@ -168,6 +168,15 @@ def test_stop_string_ends_the_text_before_it_streaming_or_not(client):
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
+def test_presence_and_frequency_penalties_reach_the_sampler(client):
+    kwargs = dict(model="tiny-chat", prompt="Speak", max_tokens=60, temperature=0, logprobs=0)
+    plain = client.completions.create(**kwargs).choices[0].logprobs.tokens
+    assert len(set(plain)) < len(plain)  # greedy repeats itself...
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalised = client.completions.create(**kwargs, **penalty).choices[0].logprobs.tokens
+        assert len(set(penalised)) > len(set(plain))  # ...and a penalty makes it repeat less
+
+
 def test_logprobs_chat_and_completions(client):
     r = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Speak"}],
                                        max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
