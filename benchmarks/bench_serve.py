@@ -1,14 +1,15 @@
 """Serving under load: `ling serve` vs `transformers serve --continuous-batching`, side by side.
 
-    python benchmarks/bench_serve.py [--clients 1 8] [--requests 4] [--max-tokens 128] [--rounds 3]
-                                     [--max-batch-size 8] [--peer transformers|none]
+    python benchmarks/bench_serve.py [--model 6x384|llama-110m] [--clients 1 8] [--requests 4]
+                                     [--max-tokens 128] [--rounds 3] [--max-batch-size 8] [--threads 2]
+                                     [--peer transformers|none]
 
 Both servers run at once, on the same machine, and load the same transformers directory: a
-Llama-style model (6 layers × 384, SwiGLU, RoPE, untied head, 1024 positions) with a
-byte-level BPE tokenizer (2048 entries, trained on tinyshakespeare) and a chat template. The
-weights are random (their values do not change the cost) and the EOS row of the LM head is
-zero, so greedy decoding never stops early: every request generates exactly --max-tokens
-tokens on both servers.
+Llama-style model (6 layers × 384, or the llama-110m preset's 12 × 768 with 4 kv heads;
+SwiGLU, RoPE, untied head, 1024 positions) with a byte-level BPE tokenizer (2048 entries,
+trained on tinyshakespeare) and a chat template. The weights are random (their values do
+not change the cost) and the EOS row of the LM head is zero, so greedy decoding never stops
+early: every request generates exactly --max-tokens tokens on both servers.
 
 Each client is a closed loop: it sends a streaming chat request (a passage of
 tinyshakespeare as the user message, greedy), reads the stream to the end, then sends the
@@ -51,7 +52,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_model(text: str, out: Path) -> Path:
+SHAPES = {  # Llama-style: (layers, width, heads, kv heads, MLP hidden)
+    "6x384": (6, 384, 6, 6, 1024),
+    "llama-110m": (12, 768, 12, 4, 2432),  # the llama-110m preset's shape
+}
+
+
+def make_model(text: str, out: Path, shape: str) -> Path:
     """A random-init Llama-style model with a BPE tokenizer and chat template, as a transformers
     directory: both servers load this same directory (ling converts it on the fly)."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -59,8 +66,9 @@ def make_model(text: str, out: Path) -> Path:
     from ling.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train_bpe([text], vocab_size=2048)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=384, intermediate_size=1024,
-                         num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+    layers, width, heads, kv_heads, hidden = SHAPES[shape]
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=1024, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     torch.manual_seed(0)
@@ -150,6 +158,7 @@ def pct(values: list[float], q: float) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=list(SHAPES), default="6x384")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--requests", type=int, default=4, help="requests per client per case")
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -166,7 +175,7 @@ def main():
     prompts = [text[s:s + rng.randrange(100, 400)] for s in starts]  # ~25-100 tokens each
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_model(text, Path(tmp))
+        model_dir = make_model(text, Path(tmp), args.model)
         servers = [Server("ling serve", [sys.executable, "-m", "ling", "serve", str(model_dir), "--port", "0",
                                          "--max-batch-size", str(args.max_batch_size), "--model-name", str(model_dir)],
                           None, str(model_dir), args.threads)]
@@ -193,7 +202,7 @@ def main():
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"server threads {args.threads}, load average {os.getloadavg()[0]:.1f}; date {time.strftime('%Y-%m-%d')}")
-    print(f"command: python benchmarks/bench_serve.py --clients {' '.join(map(str, args.clients))} "
+    print(f"command: python benchmarks/bench_serve.py --model {args.model} --clients {' '.join(map(str, args.clients))} "
           f"--requests {args.requests} --max-tokens {args.max_tokens} --rounds {args.rounds} "
           f"--max-batch-size {args.max_batch_size} --threads {args.threads} --peer {args.peer}\n")
     print("| server | clients | aggregate tok/s | × 1 client | TTFT p50 / p99 (ms) | per-token p50 / p99 (ms) |")

@@ -343,3 +343,12 @@ def test_full_queue_answers_503_with_retry_after(long_ckpt):
                 assert r.json()["error"]["code"] == "server_busy"
                 never = httpx.post(url + "/v1/completions", json={"prompt": "Speak", "n": 2})
                 assert never.status_code == 400 and never.json()["error"]["param"] == "n"  # 2 > --max-queue 1
+
+
+def test_events_that_arrive_together_go_out_as_one_chunk_per_choice():
+    from ling.serve.app import merge_by_index
+    from ling.serve.scheduler import Event
+
+    merged = merge_by_index([(0, Event("a", [1])), (1, Event("x")), (0, Event("b", [2], "length", 2))])
+    assert [(i, e.text, e.logprobs, e.finish_reason, e.completion_tokens) for i, e in merged] == [
+        (0, "ab", [1, 2], "length", 2), (1, "x", [], None, 0)]

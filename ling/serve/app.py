@@ -286,15 +286,19 @@ class Answer:
                 for i in range(len(submission.handles)):
                     yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}])
-            async for index, event in submission:
-                if event.error is not None:
-                    yield sse(error_body(event.error, type="server_error"))
-                    break
-                reason = event.finish_reason
-                if event.text or event.logprobs or reason is not None:
-                    yield self._chunk([self._delta(index, event.text, self._logprobs(event.logprobs, index), reason)])
-                if reason is not None:
-                    completion_tokens += event.completion_tokens
+            async for batch in submission.batches():
+                chunks = []
+                for index, event in merge_by_index(batch):
+                    if event.error is not None:
+                        chunks.append(sse(error_body(event.error, type="server_error")))
+                        continue
+                    reason = event.finish_reason
+                    if event.text or event.logprobs or reason is not None:
+                        logprobs = self._logprobs(event.logprobs, index)
+                        chunks.append(self._chunk([self._delta(index, event.text, logprobs, reason)]))
+                    if reason is not None:
+                        completion_tokens += event.completion_tokens
+                yield "".join(chunks)
             if include_usage:
                 yield self._chunk([], usage=usage(self.prompt_tokens, completion_tokens))
             yield "data: [DONE]\n\n"
@@ -336,6 +340,22 @@ class Answer:
     def _raise_if_error(event: Event) -> None:
         if event.error is not None:
             raise APIError(500, event.error, type="server_error")
+
+
+def merge_by_index(batch: list[tuple[int, Event]]) -> list[tuple[int, Event]]:
+    """Events of one choice that arrived together, as one (text and logprobs joined)."""
+    merged: dict[int, Event] = {}
+    for index, event in batch:
+        if index not in merged:
+            merged[index] = Event(event.text, list(event.logprobs), event.finish_reason, event.completion_tokens,
+                                  event.error)
+        else:
+            into = merged[index]
+            into.text += event.text
+            into.logprobs += event.logprobs
+            into.finish_reason, into.completion_tokens = event.finish_reason, event.completion_tokens
+            into.error = into.error or event.error
+    return list(merged.items())
 
 
 def sse(obj) -> str:

@@ -6,7 +6,8 @@ waiting ones into free rows — so a request that arrives while others decode jo
 at the next step, and a finished one leaves at once. This module adds what a server needs
 around it: a thread that steps while there is work (and sleeps when there is none), a
 bounded queue (`QueueFull` → HTTP 503), per-request event streams for the asyncio side
-(delivered with `loop.call_soon_threadsafe`, so the event loop never waits on the model),
+(handed over with one `loop.call_soon_threadsafe` per step, so the event loop never waits on
+the model and wakes once per step, not once per token),
 cancellation when a client goes away, and the metrics.
 """
 
@@ -52,9 +53,6 @@ class Handle:
         self.generated = 0
         self.last_token_at: float | None = None
 
-    def deliver(self, event: Event) -> None:
-        self.submission.loop.call_soon_threadsafe(self.submission.events.put_nowait, (self.index, event))
-
 
 class Submission:
     """The request side: the events of all its sequences, as one async stream of (index, Event)."""
@@ -77,6 +75,21 @@ class Submission:
             if event.last:
                 self.open -= 1
             yield index, event
+
+    async def batches(self):
+        """Like iterating, but as lists: each one the events that are ready now (at least one) —
+        a stream that lags behind the model catches up in fewer, larger writes."""
+        while self.open:
+            batch = [await self.events.get()]
+            while not self.events.empty():
+                batch.append(self.events.get_nowait())
+            self.open -= sum(event.last for _, event in batch)
+            yield batch
+
+
+def _put_all(items: list[tuple[Submission, tuple[int, Event]]]) -> None:
+    for submission, item in items:
+        submission.events.put_nowait(item)
 
 
 class Scheduler:
@@ -170,14 +183,16 @@ class Scheduler:
             self.metrics.batch_size.observe(running)
         deltas = self.engine.step()
         now = time.perf_counter()
+        outbox = []
         for delta in deltas:
             handle = self.handles.get(delta.request_id)
             if handle is not None:
-                self._route(handle, delta, now)
+                outbox.append((handle.submission, (handle.index, self._route(handle, delta, now))))
+        self._send(outbox)
         self.metrics.running.set(self.engine.num_running())
         self.metrics.queue_depth.set(self.engine.num_waiting())
 
-    def _route(self, handle: Handle, delta, now: float) -> None:
+    def _route(self, handle: Handle, delta, now: float) -> Event:
         if delta.token_ids:
             if handle.last_token_at is None:
                 self.metrics.prompt_tokens.inc(handle.prompt_tokens)
@@ -191,13 +206,22 @@ class Scheduler:
             with self._wake:
                 del self.handles[handle.request_id]
             self.metrics.finished.labels(reason=delta.finish_reason).inc()
-        handle.deliver(Event(delta.text, delta.logprobs, delta.finish_reason, handle.generated))
+        return Event(delta.text, delta.logprobs, delta.finish_reason, handle.generated)
+
+    @staticmethod
+    def _send(outbox: list[tuple[Submission, tuple[int, Event]]]) -> None:
+        """Hand events to the event loop(s) of their requests: one wake-up per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for submission, item in outbox:
+            by_loop.setdefault(submission.loop, []).append((submission, item))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_all(self, message: str) -> None:
         with self._wake:
             failed, self.handles = list(self.handles.values()), {}
             for handle in failed:
                 self.engine.abort(handle.request_id)
-        for handle in failed:
-            handle.deliver(Event("", error=message, completion_tokens=handle.generated))
-            self.metrics.finished.labels(reason="error").inc()
+        self._send([(h.submission, (h.index, Event("", error=message, completion_tokens=h.generated)))
+                    for h in failed])
+        self.metrics.finished.labels(reason="error").inc(len(failed))
