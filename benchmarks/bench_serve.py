@@ -12,8 +12,8 @@ not change the cost) and the EOS row of the LM head is zero, so greedy decoding 
 early: every request generates exactly --max-tokens tokens on both servers.
 
 Each client is a closed loop: it sends a streaming chat request (a passage of
-tinyshakespeare as the user message, greedy), reads the stream to the end, then sends the
-next, --requests times. Every round runs every (server, clients) case once, interleaved,
+tinyshakespeare as the user message, --prompt-chars long; greedy), reads the stream to the
+end, then sends the next, --requests times. Every round runs every (server, clients) case once, interleaved,
 so a busy machine slows all cases alike. Reported per case:
 
 - aggregate tokens/s: completion tokens of all clients / wall time of the case (median of rounds)
@@ -21,6 +21,9 @@ so a busy machine slows all cases alike. Reported per case:
 - per-token latency (TPOT): (last chunk − first chunk) / (tokens − 1) of each request (p50, p99)
 
 The issue's target: ling's aggregate tokens/s with 8 concurrent clients ≥ 4× one client's.
+Decoding batches (8 rows cost far less than 8 × one row); prefill does not (on a CPU it is
+compute-bound already), so the longer the prompts are next to --max-tokens, the smaller the
+gain.
 """
 
 from __future__ import annotations
@@ -162,6 +165,8 @@ def main():
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--requests", type=int, default=4, help="requests per client per case")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompt-chars", type=int, nargs=2, default=[40, 160], metavar=("MIN", "MAX"),
+                        help="length of the user message (tinyshakespeare passages; ~4 characters per token)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--peer", choices=["transformers", "none"], default="transformers")
@@ -171,8 +176,9 @@ def main():
 
     text = args.data.read_text()
     rng = random.Random(0)
-    starts = [rng.randrange(len(text) - 400) for _ in range(64)]
-    prompts = [text[s:s + rng.randrange(100, 400)] for s in starts]  # ~25-100 tokens each
+    low, high = args.prompt_chars
+    starts = [rng.randrange(len(text) - high) for _ in range(64)]
+    prompts = [text[s:s + rng.randrange(low, high + 1)] for s in starts]
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(text, Path(tmp), args.model)
@@ -203,7 +209,8 @@ def main():
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"server threads {args.threads}, load average {os.getloadavg()[0]:.1f}; date {time.strftime('%Y-%m-%d')}")
     print(f"command: python benchmarks/bench_serve.py --model {args.model} --clients {' '.join(map(str, args.clients))} "
-          f"--requests {args.requests} --max-tokens {args.max_tokens} --rounds {args.rounds} "
+          f"--requests {args.requests} --max-tokens {args.max_tokens} "
+          f"--prompt-chars {args.prompt_chars[0]} {args.prompt_chars[1]} --rounds {args.rounds} "
           f"--max-batch-size {args.max_batch_size} --threads {args.threads} --peer {args.peer}\n")
     print("| server | clients | aggregate tok/s | × 1 client | TTFT p50 / p99 (ms) | per-token p50 / p99 (ms) |")
     print("|---|---:|---:|---:|---:|---:|")

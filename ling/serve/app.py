@@ -153,6 +153,8 @@ async def handle(state: ServerState, request: Request, kind: str):
         except QueueFull as e:
             raise APIError(503, f"The server is busy: {e}. Retry later.", type="server_error",
                            code="server_busy", headers={"Retry-After": "1"}) from None
+        except LingError as e:  # the engine's own checks of a request
+            raise APIError(400, str(e)) from None
     except APIError as e:
         state.metrics.requests.labels(route=route, status=str(e.status)).inc()
         raise

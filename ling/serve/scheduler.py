@@ -113,11 +113,17 @@ class Scheduler:
             waiting = self.engine.num_waiting()
             if waiting + len(requests) > self.max_queue:
                 raise QueueFull(f"{waiting} sequences are waiting already (--max-queue {self.max_queue})")
-            for index, (prompt_ids, params) in enumerate(requests):
-                handle = Handle(submission, index, f"seq-{next(self._ids)}", len(prompt_ids))
-                submission.handles.append(handle)
-                self.handles[handle.request_id] = handle
-                self.engine.add_request(prompt_ids, params, request_id=handle.request_id)
+            try:
+                for index, (prompt_ids, params) in enumerate(requests):
+                    handle = Handle(submission, index, f"seq-{next(self._ids)}", len(prompt_ids))
+                    self.engine.add_request(prompt_ids, params, request_id=handle.request_id)
+                    submission.handles.append(handle)
+                    self.handles[handle.request_id] = handle
+            except Exception:  # the engine refused one: take back those already queued
+                for handle in submission.handles:
+                    self.engine.abort(handle.request_id)
+                    del self.handles[handle.request_id]
+                raise
             submission.open = len(requests)
             self.metrics.queue_depth.set(self.engine.num_waiting())
             self._wake.notify()
