@@ -13,7 +13,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import tyro
 
@@ -24,7 +24,7 @@ from ling.errors import LingError
 class ServeArgs:
     """Serve a checkpoint with an OpenAI-compatible API and a chat page."""
 
-    ckpt: tyro.conf.Positional[str]
+    ckpt: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CKPT")]
     """checkpoint directory (ling or Hugging Face format)"""
     host: str = "127.0.0.1"
     """address to bind; 0.0.0.0 exposes the server to the network"""
