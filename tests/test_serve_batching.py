@@ -8,9 +8,9 @@ import asyncio
 import pytest
 
 from ling.checkpoint import load_checkpoint
+from ling.infer import Engine, SamplingParams
 from ling.infer.generate import generate_tokens
 from ling.serve.metrics import Metrics
-from ling.serve.runner import BatchRunner, SamplingParams
 from ling.serve.scheduler import QueueFull, Scheduler
 from tests.serving import make_checkpoint
 
@@ -22,7 +22,7 @@ def model_and_tokenizer(tmp_path_factory):
 
 def scheduler_for(model_and_tokenizer, max_batch_size, max_queue):
     model, tokenizer = model_and_tokenizer
-    engine = BatchRunner(model, tokenizer, max_batch_size=max_batch_size, max_len=128)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_len=128)
     return Scheduler(engine, max_queue=max_queue, metrics=Metrics())
 
 

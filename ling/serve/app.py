@@ -24,10 +24,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ling.errors import LingError
+from ling.infer import SamplingParams
 from ling.serve.metrics import Metrics
 from ling.serve.protocol import (APIError, ChatRequest, CompletionRequest, error_body, new_id, now, parse_request,
                                  usage)
-from ling.serve.runner import SamplingParams
 from ling.serve.scheduler import Event, QueueFull, Scheduler
 from ling.tokenizer import Tokenizer
 
@@ -41,6 +41,7 @@ class ServerState:
     scheduler: Scheduler
     metrics: Metrics
     max_model_len: int
+    vocab_size: int
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     created: int = 0
@@ -201,9 +202,8 @@ def completion_prompts(state: ServerState, req: CompletionRequest) -> list[list[
         prompts = [list(prompt)]
     else:
         prompts = [list(p) for p in prompt]
-    vocab = state.tokenizer.vocab_size
-    if any(t >= vocab for p in prompts for t in p):
-        raise APIError(400, f"prompt: token ids must be below the vocabulary size {vocab}", param="prompt")
+    if any(t >= state.vocab_size for p in prompts for t in p):
+        raise APIError(400, f"prompt: token ids must be below the vocabulary size {state.vocab_size}", param="prompt")
     return prompts
 
 

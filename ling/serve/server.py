@@ -53,31 +53,29 @@ def build_state(args: ServeArgs):
     """Everything the app needs, from the command's arguments."""
     import torch
 
-    from ling.checkpoint import load_checkpoint
+    from ling.infer import Engine
     from ling.serve.app import ServerState
     from ling.serve.metrics import Metrics
-    from ling.serve.runner import BatchRunner
     from ling.serve.scheduler import Scheduler
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     for name in ("max_batch_size", "max_queue", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise LingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    model, tokenizer = load_checkpoint(args.ckpt, device=device, dtype=dtype)
-    if tokenizer is None:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    engine = Engine(args.ckpt, device=device, dtype=dtype, max_batch_size=args.max_batch_size,
+                    max_len=args.max_model_len)
+    if engine.tokenizer is None:
         raise LingError(f"{args.ckpt}: no tokenizer.json — the server needs the checkpoint's tokenizer")
-    context = model.cfg.context_length
-    max_model_len = args.max_model_len or context
-    if not 1 < max_model_len <= context:
+    context = engine.cfg.context_length
+    if args.max_model_len is not None and not 1 < args.max_model_len <= context:
         raise LingError(f"--max-model-len must be between 2 and the model's context length {context}, "
-                        f"got {max_model_len}")
+                        f"got {args.max_model_len}")
     metrics = Metrics()
-    runner = BatchRunner(model, tokenizer, args.max_batch_size, max_model_len)
-    scheduler = Scheduler(runner, args.max_queue, metrics)
     api_key = args.api_key if args.api_key is not None else os.environ.get("LING_API_KEY") or None
-    return ServerState(model_name=args.model_name or Path(args.ckpt).resolve().name, tokenizer=tokenizer,
-                       scheduler=scheduler, metrics=metrics, max_model_len=max_model_len, api_key=api_key,
+    return ServerState(model_name=args.model_name or Path(args.ckpt).resolve().name, tokenizer=engine.tokenizer,
+                       scheduler=Scheduler(engine, args.max_queue, metrics), metrics=metrics,
+                       max_model_len=engine.max_len, vocab_size=engine.cfg.vocab_size, api_key=api_key,
                        max_body_bytes=args.max_body_bytes, created=int(time.time()))
 
 
