@@ -42,10 +42,13 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "finetune": Command("ling.train.finetune:FinetuneArgs:finetune", "fine-tune a model: full or LoRA, chat/instruction SFT or a task head"),
     "merge": Command("ling.train.lora:MergeArgs:merge", "fold a LoRA adapter into its base model"),
     "eval": Command("ling.eval.evaluate:EvalArgs:evaluate", "loss / perplexity / bits-per-byte, or a classifier's accuracy"),
+    "generate": Command("ling.infer.generate:GenerateArgs:generate", "generate text from a checkpoint (one prompt or a file)"),
+    "chat": Command("ling.infer.chat:ChatArgs:chat", "chat with a checkpoint in the terminal"),
     "convert": {
         "from-hf": Command("ling.hf.convert:FromHFArgs:from_hf", "Hugging Face model directory → ling checkpoint"),
         "to-hf": Command("ling.hf.convert:ToHFArgs:to_hf", "ling checkpoint → Hugging Face model directory"),
     },
+    "serve": Command("ling.serve.server:ServeArgs:serve", "serve a checkpoint: OpenAI-compatible API + chat page"),
 }
 
 
