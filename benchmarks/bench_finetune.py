@@ -47,9 +47,12 @@ from ling.tokenizer import Tokenizer
 from ling.train.vocab import resize_vocab
 
 SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
-BASE_MODEL = ["--model.name", "tiny", "--model.n-layer", "4", "--model.n-embd", "256", "--model.n-head", "8",
-              "--model.n-kv-head", "8", "--model.mlp-hidden", "768", "--model.context-length", "256"]
-"""A 3M-parameter Llama-style model (RoPE, SwiGLU, RMSNorm): exported to HF as LlamaForCausalLM."""
+BASE_MODEL = ["--model.name", "shakespeare-char", "--model.n-layer", "4", "--model.n-embd", "256", "--model.n-head", "8",
+              "--model.n-kv-head", "8", "--model.head-dim", "64", "--model.mlp-hidden", "768",
+              "--model.context-length", "256"]
+"""A 3.8M-parameter GPT-style char model (learned positions, GELU MLP, LayerNorm without biases,
+dropout 0.2, 8 heads of 64): exported to HF as GPT2LMHeadModel, so its LoRA adapter is PEFT's
+fused-`c_attn` case."""
 
 
 def run(cmd: list[str], log: Path) -> dict:

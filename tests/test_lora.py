@@ -92,6 +92,15 @@ def test_adapter_state_round_trip_and_mismatch_errors():
         load_adapter_state_dict(apply_lora(_model(), LoRAConfig(rank=2, targets="q,v"), [120]), state, "adapter")
 
 
+def test_all_targets_are_the_projections_the_model_has():
+    gelu = build_model(ModelConfig.from_name("shakespeare-char", n_layer=1))
+    apply_lora(gelu, LoRAConfig(targets="all"))
+    assert set(gelu.blocks[0].attn.qkv.lora_A) == {"q", "k", "v"} and set(gelu.blocks[0].mlp.up.lora_A) == {"up"}
+    assert not hasattr(gelu.blocks[0].mlp, "gate")
+    swiglu = apply_lora(_model(), LoRAConfig(targets="all"))
+    assert set(swiglu.blocks[0].mlp.gate.lora_A) == {"gate"}
+
+
 def test_bad_lora_settings():
     with pytest.raises(LingError, match="unknown target.*qq.*choose from q, k, v, o, gate, up, down"):
         apply_lora(_model(), LoRAConfig(targets="q,qq"))

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 
+from ling.config import ModelConfig
 from ling.dataclass_io import from_dict, to_dict
 from ling.errors import LingError
 from ling.model import Transformer
@@ -56,14 +57,17 @@ class LoRAConfig:
     """the update is scaled by alpha / rank"""
     dropout: float = 0.05
     """dropout on the adapter's input"""
-    targets: str = "q,k,v,o,gate,up,down"
-    """comma-separated projections to adapt: q, k, v, o, gate, up, down"""
+    targets: str = "all"
+    """comma-separated projections to adapt — q, k, v, o, gate, up, down — or 'all' (every one
+    this model has: gate only in SwiGLU MLPs)"""
 
-    def target_list(self) -> list[str]:
+    def target_list(self, cfg: ModelConfig) -> list[str]:
+        if self.targets.strip() == "all":
+            return [t for t in TARGETS if t != "gate" or cfg.mlp == "swiglu"]
         names = [t.strip() for t in self.targets.split(",") if t.strip()]
         bad = [t for t in names if t not in TARGETS]
         if bad or not names:
-            raise LingError(f"--lora.targets: unknown target(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TARGETS)}")
+            raise LingError(f"--lora.targets: unknown target(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TARGETS)} or 'all'")
         return names
 
     @property
@@ -153,7 +157,7 @@ class _ReplaceRows(nn.Module):
 
 def apply_lora(model: Transformer, config: LoRAConfig, train_token_ids: list[int] = ()) -> Transformer:
     """Freeze `model` and add LoRA adapters (in place); `train_token_ids` rows of the embedding train too."""
-    targets = config.target_list()
+    targets = config.target_list(model.cfg)
     if config.rank <= 0:
         raise LingError(f"--lora.rank must be positive, got {config.rank}")
     for p in model.parameters():
