@@ -19,6 +19,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -41,6 +42,7 @@ def atomic_file(target: str | Path, mode: str = "w"):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should not be
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -50,6 +52,12 @@ def atomic_file(target: str | Path, mode: str = "w"):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_tree(root: Path) -> None:

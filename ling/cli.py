@@ -37,7 +37,9 @@ class Command:
 
 
 # Commands are imported only when run, so `ling --help` stays fast.
-COMMANDS: dict[str, Command | dict[str, Command]] = {}
+COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "pretrain": Command("ling.train.pretrain:PretrainArgs:pretrain", "pretrain a model on a prepared dataset"),
+}
 
 
 def usage() -> str:
@@ -112,27 +114,66 @@ def _required_placeholder(cls):
     return obj
 
 
+def _named_value(flag: str, args: list[str]) -> str | None:
+    """The value given to `--flag VALUE` / `--flag=VALUE` in argv (the last one wins)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _yaml_mapping(file: str) -> dict:
+    path = Path(file)
+    if not path.exists():
+        raise LingError(f"{file}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise LingError(f"{file}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise LingError(f"{file}: expected a mapping of config keys at the top level")
+    return data
+
+
+def preset_base(cls, files: list[str], args: list[str]):
+    """Defaults for `cls` where each `ModelConfig` field starts from the preset named by
+    `--FIELD.name PRESET` (flag, else YAML), so YAML keys and flags override the preset."""
+    from ling.config import ModelConfig
+
+    base = _required_placeholder(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if hints[f.name] is not ModelConfig:
+            continue
+        name = _named_value(f"--{f.name}.name", args)
+        if name is None:
+            for file in files:
+                section = _yaml_mapping(file).get(f.name)
+                if isinstance(section, dict) and "name" in section:
+                    name = section["name"]
+        if name is not None:
+            preset = ModelConfig() if name == "custom" else ModelConfig.from_name(str(name))
+            object.__setattr__(base, f.name, preset)
+    return base
+
+
 def load_yaml_config(cls, files: list[str], base=None):
     """Apply YAML files, in order, on top of `base` (or the class defaults)."""
     config = base if base is not None else _required_placeholder(cls)
     for file in files:
-        path = Path(file)
-        if not path.exists():
-            raise LingError(f"{file}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise LingError(f"{file}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        config = from_dict(cls, data, where=file, partial_base=config)
+        config = from_dict(cls, _yaml_mapping(file), where=file, partial_base=config)
     return config
 
 
 def parse(name: str, cls, argv: list[str], description: str):
     """Parse argv for one command: YAML files first, then flags on top."""
     configs, print_config, rest = _split_config_flags(argv)
-    default = load_yaml_config(cls, configs)
+    default = load_yaml_config(cls, configs, base=preset_base(cls, configs, rest))
     args = tyro.cli(cls, args=rest, default=default, prog=f"ling {name}", description=description)
     return args, print_config
 
