@@ -57,22 +57,24 @@ class LRSchedule:
         return cls(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule, cfg.decay_fraction)
 
     def __call__(self, step: int) -> float:
-        """The rate for optimizer step `step` (0-based)."""
+        """The rate for optimizer step `step` (0-based): the peak is reached at the last
+        warmup step and min_lr at the last step, max_steps - 1."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         if self.kind == "constant":
             return self.lr
         if self.kind == "wsd":
-            decay_start = self.max_steps - max(1, round(self.decay_fraction * self.max_steps))
+            decay_steps = max(1, round(self.decay_fraction * self.max_steps))
+            decay_start = self.max_steps - decay_steps
             if step < decay_start:
                 return self.lr
-            progress = (step - decay_start) / max(1, self.max_steps - 1 - decay_start)
+            progress = (step + 1 - decay_start) / decay_steps
         else:
-            progress = (step - self.warmup_steps) / max(1, self.max_steps - 1 - self.warmup_steps)
+            progress = (step + 1 - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
         progress = min(1.0, progress)
         if self.kind == "cosine":
             return self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)
-        return self.lr - progress * (self.lr - self.min_lr)  # linear and the decay of wsd
+        return self.lr - progress * (self.lr - self.min_lr)  # linear, and the decay of wsd
 
     def set(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         lr = self(step)
