@@ -140,26 +140,28 @@ def _yaml_mapping(file: str) -> dict:
     return data
 
 
-def preset_base(cls, files: list[str], args: list[str]):
-    """Defaults for `cls` where each `ModelConfig` field starts from the preset named by
-    `--FIELD.name PRESET` (flag, else YAML), so YAML keys and flags override the preset."""
-    from ling.config import ModelConfig
+def model_templates(cls, obj, files: list[str] = (), args: list[str] = ()):
+    """`obj` with each `ModelConfig` field made a template (see `ling.config.unresolved`), so
+    that YAML keys and flags such as `--model.n-embd` re-derive head_dim and friends. A
+    preset named by `--FIELD.name PRESET` (flag, else YAML) replaces the field's default."""
+    from ling.config import ModelConfig, unresolved
 
-    base = _required_placeholder(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if hints[f.name] is not ModelConfig:
             continue
-        name = _named_value(f"--{f.name}.name", args)
+        name = _named_value(f"--{f.name}.name", list(args))
         if name is None:
             for file in files:
                 section = _yaml_mapping(file).get(f.name)
                 if isinstance(section, dict) and "name" in section:
                     name = section["name"]
         if name is not None:
-            preset = ModelConfig() if name == "custom" else ModelConfig.from_name(str(name))
-            object.__setattr__(base, f.name, preset)
-    return base
+            value = ModelConfig() if name == "custom" else ModelConfig.from_name(str(name))
+        else:
+            value = getattr(obj, f.name)
+        object.__setattr__(obj, f.name, unresolved(value))
+    return obj
 
 
 def load_yaml_config(cls, files: list[str], base=None):
@@ -173,7 +175,8 @@ def load_yaml_config(cls, files: list[str], base=None):
 def parse(name: str, cls, argv: list[str], description: str):
     """Parse argv for one command: YAML files first, then flags on top."""
     configs, print_config, rest = _split_config_flags(argv)
-    default = load_yaml_config(cls, configs, base=preset_base(cls, configs, rest))
+    base = model_templates(cls, _required_placeholder(cls), configs, rest)
+    default = model_templates(cls, load_yaml_config(cls, configs, base=base))
     args = tyro.cli(cls, args=rest, default=default, prog=f"ling {name}", description=description)
     return args, print_config
 
