@@ -52,7 +52,7 @@ def ling_step(precision: str, compile: bool, tokens: torch.Tensor, run_dir: Path
                       precision=precision, tokens_per_step=MB * T, flops_per_token=CFG.flops_per_token(T))
 
     def step():
-        loss, _, _ = trainer._train_step()
+        loss, _, _ = trainer.train_step()
         loss.item()
 
     return step

@@ -39,6 +39,8 @@ class Command:
 # Commands are imported only when run, so `ling --help` stays fast.
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "pretrain": Command("ling.train.pretrain:PretrainArgs:pretrain", "pretrain a model on a prepared dataset"),
+    "quickstart": Command("ling.quickstart:QuickstartArgs:quickstart",
+                          "prepare the builtin corpus, pretrain a small model for ~2 minutes, sample from it"),
 }
 
 

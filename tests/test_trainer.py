@@ -49,11 +49,11 @@ def test_a_step_loss_is_the_mean_over_the_global_batch_and_accumulation_does_not
     (batch,) = PretrainSampler(TOKENS, 16, 16, seed=1).next_step()
     with torch.no_grad():
         expected = F.cross_entropy(whole.model(batch.tokens).flatten(0, 1), batch.labels.flatten())
-    loss, grad_norm, _ = whole._train_step()
+    loss, grad_norm, _ = whole.train_step()
     assert float(loss) == pytest.approx(float(expected), abs=1e-6)
 
     split = make_trainer(tmp_path / "b", micro_batch=8, accumulation=2)
-    loss2, grad_norm2, _ = split._train_step()
+    loss2, grad_norm2, _ = split.train_step()
     assert float(loss2) == pytest.approx(float(loss), abs=1e-6)
     assert grad_norm2 == pytest.approx(grad_norm, rel=1e-5)
     for p, q in zip(whole.model.parameters(), split.model.parameters()):
@@ -87,10 +87,10 @@ def test_only_labelled_positions_count_and_they_weigh_the_same_across_micro_batc
     with torch.no_grad():
         logits = together.model(tokens)
     expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-    loss, grad_norm, _ = together._train_step()
+    loss, grad_norm, _ = together.train_step()
     assert float(loss) == pytest.approx(float(expected), abs=1e-6)
     apart = make_trainer(tmp_path / "b", batches=ListSource(rows))
-    loss2, grad_norm2, _ = apart._train_step()
+    loss2, grad_norm2, _ = apart.train_step()
     assert float(loss2) == pytest.approx(float(loss), abs=1e-6)
     assert grad_norm2 == pytest.approx(grad_norm, rel=1e-5)
 
@@ -102,7 +102,7 @@ def test_frozen_parameters_stay_put_and_the_rest_trains(tmp_path):
         p.requires_grad = name.startswith("blocks.1.mlp")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = make_trainer(tmp_path, model=model)
-    trainer._train_step()
+    trainer.train_step()
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) != name.startswith("blocks.1.mlp"), name
 

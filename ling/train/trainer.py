@@ -121,7 +121,7 @@ class Trainer:
         try:
             meter.start()
             while self.step < cfg.max_steps:
-                loss, grad_norm, lr = self._train_step()
+                loss, grad_norm, lr = self.train_step()
                 meter.add(self.tokens_per_step)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
@@ -156,7 +156,7 @@ class Trainer:
             seconds=time.perf_counter() - t_start, checkpoint=self.last_checkpoint, interrupted=interrupted,
         )
 
-    def _train_step(self) -> tuple[torch.Tensor, float | None, float]:
+    def train_step(self) -> tuple[torch.Tensor, float | None, float]:
         """One optimizer step over this process's micro-batches; returns the global mean loss."""
         lr = self.schedule.set(self.optimizer, self.step)
         micro = self.batches.next_step()
