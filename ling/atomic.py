@@ -19,7 +19,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); give it the usual mode
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -42,12 +42,12 @@ def atomic_file(target: str | Path, mode: str = "w"):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should not be
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -57,10 +57,23 @@ def _compile(template: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = dict
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise LingError(f"chat template, line {e.lineno}: {e.message}") from None
+
+
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(message: dict) -> dict:
+    """A message's reasoning under every name templates read it by (as transformers does):
+    Qwen3 templates read `reasoning_content`, gpt-oss ones `thinking`."""
+    reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = False,
@@ -74,11 +87,13 @@ def render_chat_with_spans(template: str, messages: list[dict], add_generation_p
                            **variables) -> tuple[str, list[tuple[int, int]]]:
     """The prompt string, and the character spans inside `{% generation %}` blocks."""
     compiled = _compile(template)
+    messages = [_alias_reasoning(m) for m in messages]
     blocks: list[str] = []
     spans: list[tuple[int, int]] = []
     token = _spans.set((blocks, spans))
     try:
-        context = {**(special_tokens or {}), **variables}
+        # transformers always defines `tools` and `documents` (templates test `tools is not none`).
+        context = {"tools": None, "documents": None, **(special_tokens or {}), **variables}
         for block in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, **context):
             blocks.append(block)
     except jinja2.TemplateError as e:

@@ -38,9 +38,14 @@ class Command:
 
 # Commands are imported only when run, so `ling --help` stays fast.
 COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "prepare": Command("ling.data.prepare:PrepareArgs:prepare", "tokenize text, jsonl, parquet or URLs into a dataset directory"),
     "pretrain": Command("ling.train.pretrain:PretrainArgs:pretrain", "pretrain a model on a prepared dataset"),
     "quickstart": Command("ling.quickstart:QuickstartArgs:quickstart",
                           "prepare the builtin corpus, pretrain a small model for ~2 minutes, sample from it"),
+    "convert": {
+        "from-hf": Command("ling.hf.convert:FromHFArgs:from_hf", "Hugging Face model directory → ling checkpoint"),
+        "to-hf": Command("ling.hf.convert:ToHFArgs:to_hf", "ling checkpoint → Hugging Face model directory"),
+    },
 }
 
 

@@ -19,13 +19,15 @@ import torch
 
 from ling.checkpoint import load_checkpoint
 from ling.config import ModelConfig
+from ling.data.dataset import open_dataset
+from ling.data.prepare import PrepareArgs, prepare
 from ling.data.sampler import PretrainSampler
 from ling.device import pick_device, pick_precision
 from ling.errors import LingError
 from ling.infer.generate import generate_tokens
 from ling.model import build_model
 from ling.train.config import TrainConfig
-from ling.train.pretrain import PretrainArgs, open_dataset, run_pretraining
+from ling.train.pretrain import PretrainArgs, run_pretraining
 from ling.train.trainer import Trainer
 
 MODEL = ModelConfig(name="quickstart", context_length=128, n_layer=4, n_embd=256, n_head=4, norm_bias=False)
@@ -60,8 +62,6 @@ def quickstart(args: QuickstartArgs) -> int:
     if (data_dir / "meta.json").exists():
         print(f"   using the dataset prepared earlier in {data_dir}")
     else:
-        from ling.data.prepare import PrepareArgs, prepare
-
         prepare(PrepareArgs(output=str(data_dir), tokenizer="char", builtin=True))
     data = open_dataset(data_dir)
 

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -47,6 +48,7 @@ class Tokenizer:
         model = json.loads(backend.to_str())["model"]
         self.is_char_level = model.get("type") == "BPE" and not model.get("merges") and backend.pre_tokenizer is None
         """True for ling's character tokenizer (BPE without merges or pre-tokenizer)"""
+        self._char_table = _char_lookup_table(backend, model) if self.is_char_level else None
         # Fall back to ling's own names when tokenizer_config.json does not say.
         for key, default in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD), ("unk_token", UNK)):
             if _token_content(self.config.get(key)) is None and default in vocab:
@@ -93,7 +95,12 @@ class Tokenizer:
     # ---- files ------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        """Load `tokenizer.json` (a file, or a directory holding it and tokenizer_config.json)."""
+        """Load `tokenizer.json` (a file, or a directory holding it and tokenizer_config.json).
+
+        The result encodes as transformers' `AutoTokenizer` does for the same files: see
+        `_configure_like_transformers`. The chat template comes from tokenizer_config.json
+        or, as transformers 5 saves it, from chat_template.jinja beside it.
+        """
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.exists():
@@ -109,6 +116,10 @@ class Tokenizer:
                 config = json.loads(config_file.read_text())
             except json.JSONDecodeError as e:
                 raise LingError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+        template_file = file.parent / "chat_template.jinja"
+        if template_file.exists():
+            config["chat_template"] = template_file.read_text()
+        _configure_like_transformers(backend, config)
         return cls(backend, config)
 
     def save(self, directory: str | Path) -> None:
@@ -139,20 +150,41 @@ class Tokenizer:
             self._check_unknown(text, encoding)
         return [e.ids for e in encodings]
 
+    def encode_corpus(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids (uint32 arrays) of raw corpus text, as data preparation needs them.
+
+        Special-token strings inside the text are ordinary text (like tiktoken's
+        `encode_ordinary`: a literal "<|eos|>" in a document is not a document boundary) and
+        no post-processor runs (no BOS per piece). Char-level tokenizers take a vectorized
+        path, several times faster than per-character encoding, with the same ids.
+        """
+        if self._char_table is not None:
+            return [self._encode_chars(text) for text in texts]
+        previous = self.backend.encode_special_tokens
+        self.backend.encode_special_tokens = True
+        try:
+            encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        finally:
+            self.backend.encode_special_tokens = previous
+        return [np.array(e.ids, dtype=np.uint32) for e in encodings]
+
+    def _encode_chars(self, text: str) -> np.ndarray:
+        table = self._char_table
+        codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        ids = table[np.minimum(codepoints, len(table) - 1)]  # the last entry is "unknown"
+        unknown = np.flatnonzero(ids < 0)
+        if len(unknown):
+            _raise_unknown_chars(text, unknown.tolist())
+        return ids.astype(np.uint32)
+
     def _check_unknown(self, text, encoding) -> None:
         unk = self.unk_id
         if unk is None or unk not in encoding.ids or not self.is_char_level:
             return
-        bad = []
-        for tok_id, (start, end) in zip(encoding.ids, encoding.offsets):
-            piece = text[start:end]
-            if tok_id == unk and piece != UNK:
-                bad.append(f"{piece!r} (U+{ord(piece[0]):04X}) at offset {start}")
-        if bad:
-            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-            raise LingError(
-                "text contains characters outside this char-level vocabulary: " + ", ".join(bad[:3]) + more
-            )
+        offsets = [start for tok_id, (start, end) in zip(encoding.ids, encoding.offsets)
+                   if tok_id == unk and text[start:end] != UNK]
+        if offsets:
+            _raise_unknown_chars(text, offsets)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -192,7 +224,10 @@ class Tokenizer:
 
     @property
     def chat_template(self) -> str | None:
-        return self.config.get("chat_template")
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates, as some hub models ship them: use the default
+            return {t.get("name"): t.get("template") for t in template}.get("default")
+        return template
 
     @chat_template.setter
     def chat_template(self, template: str | None) -> None:
@@ -214,6 +249,48 @@ class Tokenizer:
         """Add special tokens (kept whole, never split); returns their ids."""
         self.backend.add_special_tokens(tokens)
         return [self.backend.token_to_id(t) for t in tokens]
+
+
+def _raise_unknown_chars(text: str, offsets: list[int]) -> None:
+    """The char-level "not in vocabulary" error, naming the first few characters and where."""
+    bad = [f"{text[i]!r} (U+{ord(text[i]):04X}) at offset {i}" for i in offsets[:3]]
+    more = f" and {len(offsets) - 3} more" if len(offsets) > 3 else ""
+    raise LingError("text contains characters outside this char-level vocabulary: " + ", ".join(bad) + more)
+
+
+def _char_lookup_table(backend: HFTokenizer, model: dict) -> np.ndarray | None:
+    """codepoint → id for a plain character model (-1 = not in the vocabulary; the last entry
+    catches every codepoint above the table), or None when the backend does more than map
+    single characters (a normalizer, byte fallback, subword affixes) and must encode itself."""
+    if backend.normalizer is not None or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
+            or model.get("end_of_word_suffix"):
+        return None
+    singles = {ord(token): i for token, i in model["vocab"].items() if len(token) == 1}
+    table = np.full(max(singles, default=0) + 2, -1, dtype=np.int64)
+    table[list(singles)] = list(singles.values())
+    return table
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _configure_like_transformers(backend: HFTokenizer, config: dict) -> None:
+    """Adjust a loaded tokenizer.json the way transformers does when it loads the same files.
+
+    - special tokens named in tokenizer_config.json but absent from tokenizer.json are added;
+    - BOS/EOS come from tokenizer.json's post-processor alone: transformers 5 ignores
+      `add_bos_token` / `add_eos_token` in tokenizer_config.json, and so does ling;
+    - truncation and padding stored in tokenizer.json are off (as in a plain transformers call);
+    - `split_special_tokens` makes special-token text encode as ordinary text.
+    """
+    named = [_token_content(config.get(key)) for key in NAMED_SPECIAL_TOKENS]
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    if isinstance(extra, dict):  # transformers 5 may store them by name
+        extra = list(extra.values())
+    for token in [*named, *(_token_content(t) for t in extra)]:
+        if token is not None and backend.token_to_id(token) is None:
+            backend.add_special_tokens([token])
+    backend.no_truncation()
+    backend.no_padding()
+    backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
 
 
 def _default_config() -> dict:

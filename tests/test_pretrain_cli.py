@@ -1,7 +1,5 @@
 """`ling pretrain` flags, presets and the errors a user can make."""
 
-import json
-
 import pytest
 import yaml
 
@@ -56,7 +54,7 @@ def test_unknown_config_key_names_the_closest(capsys, tmp_path):
 
 def test_missing_dataset_directory(capsys, tmp_path):
     status, _, err = run(capsys, "--data", tmp_path / "nope", "--out", tmp_path / "run", *TINY)
-    assert status == 1 and "no such dataset directory" in err and "ling prepare" in err
+    assert status == 1 and "not a dataset directory" in err and "ling prepare" in err
     assert not (tmp_path / "run").exists()
 
 
@@ -67,13 +65,7 @@ def test_a_tokenizer_that_does_not_match_the_data_is_refused(capsys, tmp_path, d
         (other / name).write_bytes((data / name).read_bytes())
     Tokenizer.train_char(["xyz"]).save(other)
     status, _, err = run(capsys, "--data", other, "--out", tmp_path / "run", *TINY)
-    assert status == 1 and "tokenizer.json does not match" in err
-
-    meta = json.loads((other / "meta.json").read_text())
-    del meta["tokenizer_hash"]  # no hash to compare: the token ids still give it away
-    (other / "meta.json").write_text(json.dumps(meta))
-    status, _, err = run(capsys, "--data", other, "--out", tmp_path / "run", *TINY)
-    assert status == 1 and "different tokenizer" in err and "train.bin holds token id" in err
+    assert status == 1 and "tokenizer.json is not the tokenizer these ids were made with" in err
 
 
 def test_batch_tokens_must_split_into_micro_batches(capsys, tmp_path, data):

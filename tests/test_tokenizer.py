@@ -81,3 +81,32 @@ def test_loading_a_missing_or_corrupt_tokenizer_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(LingError, match="not a valid tokenizer.json"):
         Tokenizer.load(tmp_path)
+
+
+def test_encode_corpus_treats_special_token_strings_as_plain_text(bpe):
+    """Raw corpus text may contain "<|eos|>" literally; that must not become a document boundary."""
+    ids = bpe.encode_corpus(["a literal <|eos|> inside"])[0]
+    assert bpe.eos_id not in ids.tolist()
+    assert bpe.decode(ids.tolist()) == "a literal <|eos|> inside"
+    assert bpe.encode(EOS) == [bpe.eos_id]  # ordinary encode still parses special tokens
+    for text in HARD_TEXTS:
+        assert bpe.decode(bpe.encode_corpus([text])[0].tolist()) == text
+
+
+def test_encode_corpus_char_level_maps_every_character_to_its_id():
+    texts = ["hello <|eos|>", "", "wörld\n"]
+    tok = Tokenizer.train_char(texts)
+    for text, ids in zip(texts, tok.encode_corpus(texts)):
+        assert ids.dtype == "uint32"
+        assert ids.tolist() == [tok.token_to_id(c) for c in text]
+    with pytest.raises(LingError, match=r"'é' \(U\+00E9\) at offset 1"):
+        tok.encode_corpus(["hé"])
+
+
+def test_encode_corpus_char_level_with_a_normalizer_goes_through_the_backend():
+    from tokenizers import normalizers
+
+    tok = Tokenizer.train_char(["abc"])
+    tok.backend.normalizer = normalizers.Lowercase()
+    lowered = Tokenizer(tok.backend, tok.config)
+    assert lowered.encode_corpus(["AbC"])[0].tolist() == [tok.token_to_id(c) for c in "abc"]

@@ -1,16 +1,13 @@
-"""Helpers for training tests: a small char-level dataset directory (no network, no shared
-files) and a one-thread environment for training subprocesses."""
+"""Helpers for training tests: a small char-level dataset directory made by `ling prepare`
+(no network, no shared files) and a one-thread environment for training subprocesses."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
-import numpy as np
-
-from ling.tokenizer import Tokenizer
+from ling.data.prepare import PrepareArgs, prepare
 
 WORDS = ("the king and queen of the north sent word to all the lords that the war was over "
          "now let us sing and feast for the night is long and the wine is sweet").split()
@@ -26,19 +23,11 @@ def sample_text(n_words: int = 6000, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_dataset(path: Path, text: str | None = None, val_fraction: float = 0.1) -> Path:
-    """train.bin / val.bin / meta.json / tokenizer.json as `ling prepare --tokenizer char` lays them out."""
-    text = text or sample_text()
-    tokenizer = Tokenizer.train_char([text])
-    ids = np.array(tokenizer.encode(text), dtype=np.uint16)
-    n_val = int(len(ids) * val_fraction)
-    path.mkdir(parents=True, exist_ok=True)
-    ids[:-n_val].tofile(path / "train.bin")
-    ids[-n_val:].tofile(path / "val.bin")
-    tokenizer.save(path)
-    meta = {"dtype": "uint16", "train_tokens": len(ids) - n_val, "val_tokens": n_val,
-            "tokenizer_hash": tokenizer.hash()}
-    (path / "meta.json").write_text(json.dumps(meta))
+def write_dataset(path: Path, text: str | None = None) -> Path:
+    """A char-level dataset directory of `text` (default: `sample_text()`), split 90/10."""
+    source = path.with_name(path.name + ".txt")
+    source.write_text(text or sample_text())
+    prepare(PrepareArgs(output=str(path), tokenizer="char", input=[str(source)]))
     return path
 
 

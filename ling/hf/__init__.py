@@ -1,7 +1,6 @@
-"""Hugging Face interoperability: one module per model family (config and weight-name maps)."""
+"""Hugging Face interoperability: one module per model family (config and weight-name maps,
+both directions), and HF model directories read and written through them (`checkpoint`)."""
 
-from ling.errors import LingError
+from ling.hf.checkpoint import FAMILIES, export_family, load_hf_checkpoint, save_hf_dir
 
-
-def load_hf_checkpoint(path, device="cpu", dtype=None):
-    raise LingError(f"{path}: loading Hugging Face model directories is not supported yet")
+__all__ = ["FAMILIES", "export_family", "load_hf_checkpoint", "save_hf_dir"]

@@ -102,7 +102,7 @@ def read_train_state(checkpoint: Path) -> dict:
 
 def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     """Copy a checkpoint's weights into `model` in place (the optimizer keeps its references)."""
-    from ling.checkpoint import read_safetensors, unwrap
+    from ling.checkpoint import SafetensorsFiles, model_shapes, unwrap
 
     bare = unwrap(model)
     saved = ModelConfig.load(checkpoint / "config.json")
@@ -111,17 +111,13 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
         diff = ", ".join(f"{k}: {theirs[k]!r} → {ours[k]!r}" for k in ours if ours[k] != theirs.get(k))
         raise LingError(f"{checkpoint}: the model config differs from the checkpoint's ({diff}); "
                         "resume with the same --model settings or start a new --out")
-    params = bare.state_dict()
-    seen = set()
-    with torch.no_grad():
-        for name, tensor in read_safetensors(checkpoint / WEIGHTS):
-            if name not in params or params[name].shape != tensor.shape:
-                raise LingError(f"{checkpoint / WEIGHTS}: tensor '{name}' does not fit this model")
-            params[name].copy_(tensor)
-            seen.add(name)
-    missing = set(params) - seen - ({"lm_head.weight"} if bare.cfg.tie_embeddings else set())
-    if missing:
-        raise LingError(f"{checkpoint / WEIGHTS}: missing tensor(s) {', '.join(sorted(missing)[:3])}")
+    shapes, params = model_shapes(bare), bare.state_dict()
+    with SafetensorsFiles(checkpoint / WEIGHTS) as files:
+        if sorted(files.names()) != sorted(shapes) or any(files.shape(n) != shapes[n] for n in shapes):
+            raise LingError(f"{checkpoint / WEIGHTS}: its tensors do not fit this model")
+        with torch.no_grad():
+            for name in shapes:
+                files.read_into(name, params[name])
 
 
 # ---- the run directory ------------------------------------------------------------------

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from ling.config import ModelConfig
+from ling.data.dataset import open_dataset
 from ling.data.sampler import PretrainSampler, validation_batches
 from ling.dataclass_io import to_dict
 from ling.device import pick_device, pick_precision
-from ling.errors import LingError
 from ling.model import build_model
 from ling.tokenizer import Tokenizer
 from ling.train import distributed
@@ -43,34 +41,6 @@ class PretrainArgs:
     """auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"""
 
 
-@dataclass
-class Dataset:
-    """A prepared dataset directory, opened (token files memory-mapped)."""
-
-    train: np.ndarray
-    val: np.ndarray
-    tokenizer: Tokenizer
-    meta: dict
-
-
-def open_dataset(path: str | Path) -> Dataset:
-    # TODO(prepare): replace with the dataset reader of `ling prepare` once it is in main.
-    path = Path(path)
-    if not path.is_dir():
-        raise LingError(f"{path}: no such dataset directory (make one with `ling prepare`)")
-    for name in ("meta.json", "train.bin", "val.bin", "tokenizer.json"):
-        if not (path / name).exists():
-            raise LingError(f"{path}: missing {name} — is this a directory written by `ling prepare`?")
-    meta = json.loads((path / "meta.json").read_text())
-    tokenizer = Tokenizer.load(path)
-    if meta.get("tokenizer_hash") not in (None, tokenizer.hash()):
-        raise LingError(f"{path}/tokenizer.json does not match the tokenizer the data was encoded with "
-                        f"(hash {tokenizer.hash()} vs {meta['tokenizer_hash']} in meta.json); re-run `ling prepare`")
-    dtype = np.dtype(meta.get("dtype", "uint16"))
-    train, val = (np.memmap(path / f"{split}.bin", dtype=dtype, mode="r") for split in ("train", "val"))
-    return Dataset(train=train, val=val, tokenizer=tokenizer, meta=meta)
-
-
 def pretrain(args: PretrainArgs) -> int:
     result = run_pretraining(args)
     return 130 if result.interrupted else 0
@@ -92,7 +62,6 @@ def run_pretraining(args: PretrainArgs, show_summary: bool = True) -> TrainResul
                                        train=dataclasses.replace(args.train, precision=precision))
         seq_len = model_cfg.context_length
         accumulation = args.train.accumulation(seq_len, dist.world_size)
-        _check_token_ids(data, model_cfg.vocab_size, args.data)
 
         torch.manual_seed(args.train.seed)  # the same initial weights in every process
         model = build_model(model_cfg, device=device)
@@ -118,15 +87,6 @@ def run_pretraining(args: PretrainArgs, show_summary: bool = True) -> TrainResul
         return result
     finally:
         distributed.shutdown(dist)
-
-
-def _check_token_ids(data: Dataset, vocab_size: int, where: str) -> None:
-    """Token ids beyond the tokenizer's vocabulary mean the data and tokenizer do not belong together."""
-    for split, tokens in (("train", data.train), ("val", data.val)):
-        top = int(tokens[: 1 << 20].max()) if len(tokens) else 0
-        if top >= vocab_size:
-            raise LingError(f"{where}/{split}.bin holds token id {top}, but tokenizer.json has only {vocab_size} "
-                            "tokens: the data was encoded with a different tokenizer; re-run `ling prepare`")
 
 
 def print_summary(result: TrainResult, run_dir: Path) -> None:
