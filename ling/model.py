@@ -183,8 +183,11 @@ def explicit_attention(q, k, v, mask=None, dropout: float = 0.0) -> torch.Tensor
         k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
     if mask is None:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    elif mask.shape[0] == 1:  # one mask for every row of the batch
+        mask = mask.view(T, S)
     bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    bias = bias.expand(B, H, T, S).reshape(B * H, T, S)
+    # A (T, S) bias broadcasts without a copy; per-row masks are laid out for every head.
+    bias = bias.expand(B * H, T, S) if bias.dim() == 2 else bias.expand(B, H, T, S).reshape(B * H, T, S)
     scores = torch.baddbmm(bias, q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2), alpha=D**-0.5)
     probs = F.dropout(scores.softmax(dim=-1), dropout) if dropout > 0 else scores.softmax(dim=-1)
     return torch.bmm(probs, v.reshape(B * H, S, D)).view(B, H, T, D)

@@ -21,9 +21,10 @@ def test_causal_and_grouped_heads_match_sdpa(h_kv):
     torch.testing.assert_close(explicit_attention(q, k, v), expected, atol=1e-6, rtol=1e-5)
 
 
-def test_a_block_causal_mask_matches_sdpa():
+@pytest.mark.parametrize("rows", [2, 1])  # a mask per row, or one for the whole batch
+def test_a_block_causal_mask_matches_sdpa(rows):
     q, k, v = qkv()
-    mask = block_causal_mask(torch.tensor([[0] * 5 + [1] * 7, [0] * 12]))
+    mask = block_causal_mask(torch.tensor([[0] * 5 + [1] * 7, [0] * 12]))[:rows]
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(explicit_attention(q, k, v, mask), expected, atol=1e-6, rtol=1e-5)
 
