@@ -166,3 +166,21 @@ def test_pruning_keeps_the_newest_checkpoints_and_the_best(tmp_path):
                  keep_last=2, is_best=step == 2)
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-2", "step-3", "step-4"]
     assert (run.pointed("best").name, run.pointed("latest").name) == ("step-2", "step-4")
+
+
+def test_activation_checkpointing_recomputes_to_the_same_result(tmp_path):
+    plain = make_trainer(tmp_path / "a")
+    recomputed = make_trainer(tmp_path / "b", activation_checkpointing=True)
+    assert recomputed.model.activation_checkpointing
+    (loss, grad_norm, _), (loss2, grad_norm2, _) = plain.train_step(), recomputed.train_step()
+    assert float(loss2) == float(loss) and grad_norm2 == pytest.approx(grad_norm, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_training_evaluates_samples_and_saves_plain_names(tmp_path, capsys):
+    trainer = make_trainer(tmp_path, compile=True, max_steps=1, sample_tokens=5)
+    trainer.sample_prompt = [1, 2]
+    result = trainer.fit()
+    assert result.final_val_loss is not None and "sample:" in capsys.readouterr().out
+    with safe_open(tmp_path / "run" / "latest" / "model.safetensors", "pt") as f:
+        assert not any(n.startswith("_orig_mod.") for n in f.keys())
