@@ -5,6 +5,9 @@ Same model (GPT-2 layout: 6 layers, width 384, 6 heads, T=256, vocab 65), same m
 so that a busy machine slows them alike; the table gives the median of the rounds.
 
     PYTHONPATH=. python benchmarks/train_throughput.py [--rounds 5] [--steps 3] [--compile]
+
+On a busy machine, `--threads 1 --clock cpu` measures process CPU time on one thread
+instead of wall time: other processes then barely move the ratios.
 """
 
 from __future__ import annotations
@@ -89,7 +92,10 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="add ling with --train.compile")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: process CPU time (with --threads 1, robust to other load)")
     args = parser.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     tokens = torch.randint(0, V, (MB, T + 1), generator=torch.Generator().manual_seed(0))
     run_dir = Path(tempfile.mkdtemp())
@@ -110,18 +116,18 @@ def main():
     peaks = {"fp32": [], "bf16": []}
     for r in range(args.rounds):
         for name, step in variants.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(args.steps):
                 step()
-            rates[name].append(args.steps * MB * T / (time.perf_counter() - t0))
-        peaks["fp32"].append(probe_matmul_flops(torch.float32, seconds=0.2, rounds=1))
-        peaks["bf16"].append(probe_matmul_flops(torch.bfloat16, seconds=0.2, rounds=1))
+            rates[name].append(args.steps * MB * T / (clock() - t0))
+        peaks["fp32"].append(probe_matmul_flops(torch.float32, seconds=0.2, rounds=1, clock=clock))
+        peaks["bf16"].append(probe_matmul_flops(torch.bfloat16, seconds=0.2, rounds=1, clock=clock))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
     flops = CFG.flops_per_token(T)
     peak = {k: max(v) for k, v in peaks.items()}
     hf = {p: statistics.median(rates[f"transformers GPT2LMHeadModel, {p}"]) for p in ("fp32", "bf16")}
-    print(f"\nmatmul peak (best of rounds, {args.threads} threads): fp32 {peak['fp32'] / 1e12:.3f} TFLOP/s, "
+    print(f"\n{args.clock} clock; matmul peak (best of rounds, {args.threads} threads): fp32 {peak['fp32'] / 1e12:.3f} TFLOP/s, "
           f"bf16 {peak['bf16'] / 1e12:.3f} TFLOP/s; model {flops / 1e6:.1f} MFLOP/token\n")
     print("| variant | tokens/s (median) | min–max | vs HF bf16 | vs HF same precision | MFU (bf16 peak) |")
     print("|---|---:|---:|---:|---:|---:|")
