@@ -7,6 +7,8 @@ reaches val loss 1.886 in 67 s on this machine (issue #3); the target is ≤ 1.6
 
     PYTHONPATH=. python benchmarks/shakespeare_char.py [--text ../shared/data/tinyshakespeare.txt] [--runs 1]
 
+(`--text` defaults to ../shared/data/tinyshakespeare.txt beside the repository.)
+
 The dataset is prepared once (not timed) with
 `ling prepare --input TEXT --tokenizer char --output DIR`.
 """

@@ -30,9 +30,11 @@ from ling.train.config import TrainConfig
 from ling.train.pretrain import PretrainArgs, run_pretraining
 from ling.train.trainer import Trainer
 
-MODEL = ModelConfig(name="quickstart", context_length=128, n_layer=4, n_embd=256, n_head=4, norm_bias=False)
-TRAIN = TrainConfig(batch_tokens=16 * 128, micro_batch=16, lr=2e-3, min_lr=2e-4, warmup_steps=50,
-                    weight_decay=0.1, eval_every=100, eval_batches=8, log_every=10, keep_last=1)
+# A small Llama-style model (as in configs/shakespeare-char-cpu.yaml), with a longer context.
+MODEL = ModelConfig(name="quickstart", context_length=128, n_layer=4, n_embd=192, n_head=6, position="rope",
+                    norm="layernorm", norm_bias=False, mlp="swiglu", mlp_hidden=512)
+TRAIN = TrainConfig(batch_tokens=16 * 128, micro_batch=16, lr=3e-3, min_lr=3e-4, warmup_steps=100, beta2=0.95,
+                    eval_batches=8, log_every=10, keep_last=1)
 
 
 @dataclass
