@@ -1,6 +1,7 @@
 """Throughput / MFU arithmetic, the cached CPU peak probe, and the run's metrics files."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -106,3 +107,10 @@ def test_tensorboard_gets_every_numeric_metric_when_installed(tmp_path, monkeypa
     log.write({"kind": "train", "step": 5, "loss": 2.5, "lr": 0.1, "mfu": None})
     log.write({"kind": "eval", "step": 5, "val_loss": 2.7, "sample": "text"})
     assert scalars == [("train/loss", 2.5, 5), ("train/lr", 0.1, 5), ("eval/val_loss", 2.7, 5)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt only exists on Linux")
+def test_glibc_is_told_to_keep_freed_memory():
+    from ling.train.allocator import reuse_freed_memory
+
+    assert reuse_freed_memory() is True

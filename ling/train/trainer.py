@@ -35,6 +35,7 @@ from ling.dataclass_io import to_dict
 from ling.errors import LingError
 from ling.model import autocast_context
 from ling.train import distributed
+from ling.train.allocator import reuse_freed_memory
 from ling.train.checkpointing import RunDir, load_model_weights, rng_state, seed_everything, set_rng_state
 from ling.train.config import TrainConfig
 from ling.train.distributed import Dist
@@ -89,6 +90,8 @@ class Trainer:
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.loss_fn, self.save_weights, self.load_weights = loss_fn, save_weights, load_weights
         self.config, self.resume_hint, self.sample_prompt = config, resume_hint, sample_prompt
+        if device.type == "cpu":
+            reuse_freed_memory()
         self.run = RunDir(run_dir)
         self.model = model  # bare: what is saved, loaded and sampled from
         model.to(device)
