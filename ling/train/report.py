@@ -61,7 +61,7 @@ class MetricsLog:
         from matplotlib.figure import Figure
 
         train = [r for r in self.records if r.get("kind") == "train"]
-        evals = [r for r in self.records if r.get("kind") == "eval"]
+        evals = [r for r in self.records if r.get("kind") == "eval" and r.get("val_loss") is not None]
         fig = Figure(figsize=(12, 3.6), layout="constrained")
         loss_ax, speed_ax, lr_ax = fig.subplots(1, 3)
         loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)

@@ -148,7 +148,7 @@ class Trainer:
             self._restore_signals(handlers)
             bar.close()
             self.metrics.close()
-        interrupted = self._stop_signal is not None
+        interrupted = self._stop_signal is not None and self.step < cfg.max_steps
         if interrupted and self.dist.is_main:
             print(f"\ninterrupted ({self._stop_signal}) at step {self.step}: checkpoint saved to "
                   f"{self.last_checkpoint}\nresume with: {self.resume_hint}", file=sys.stderr)
@@ -193,8 +193,8 @@ class Trainer:
         return distributed.all_reduce_sum(loss_sum, self.dist) / n_targets, grad_norm, lr
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches (all processes together)."""
+    def evaluate(self) -> float | None:
+        """Mean loss over the fixed validation batches (all processes together); None without any."""
         self.eval_model.eval()
         totals = torch.zeros(2, device=self.device)
         for batch in self.val_batches:
@@ -203,11 +203,11 @@ class Trainer:
             totals[1] += batch.num_targets
         self.eval_model.train()
         totals = distributed.all_reduce_sum(totals, self.dist)
-        return float(totals[0] / totals[1])
+        return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
     def _evaluate_and_save(self, bar) -> None:
         val_loss = self.evaluate()
-        is_best = self.best_val_loss is None or val_loss < self.best_val_loss
+        is_best = val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss)
         if is_best:
             self.best_val_loss = val_loss
         self.last_val_loss = val_loss
@@ -216,7 +216,8 @@ class Trainer:
             record["sample"] = self.sample()
         self.metrics.write(record)
         if self.dist.is_main:
-            bar.write(f"step {self.step}: val loss {val_loss:.4f}" + (" (best)" if is_best else ""))
+            if val_loss is not None:
+                bar.write(f"step {self.step}: val loss {val_loss:.4f}" + (" (best)" if is_best else ""))
             if "sample" in record:
                 bar.write(f"sample: {record['sample']!r}")
         self.save_checkpoint(is_best)
