@@ -48,8 +48,8 @@ def ling_step(precision: str, compile: bool, tokens: torch.Tensor):
     train = TrainConfig(max_steps=10**6, batch_tokens=MB * T, micro_batch=MB, precision=precision, compile=compile,
                         warmup_steps=0)
     trainer = Trainer(model, train, SameBatch(), [], tempfile.mkdtemp(), device=torch.device("cpu"),
-                      precision=precision, tokens_per_step=MB * T, flops_per_token=cfg.flops_per_token(T))
-    return lambda: trainer.train_step()[0].item()
+                      precision=precision, flops_per_token=cfg.flops_per_token(T))
+    return lambda: trainer.train_step().loss.item()
 
 
 def hf_step(precision: str, tokens: torch.Tensor, tuned_malloc: bool):

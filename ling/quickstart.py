@@ -125,11 +125,11 @@ def seconds_per_step(args: PretrainArgs, tokens, device: torch.device, precision
                               cfg.accumulation(args.model.context_length, 1))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, cfg, sampler, [], tmp, device=device, precision=precision,
-                          tokens_per_step=cfg.batch_tokens, flops_per_token=args.model.flops_per_token())
-        trainer.train_step()[0].item()
+                          flops_per_token=args.model.flops_per_token())
+        trainer.train_step().loss.item()
         t0 = time.perf_counter()
         for _ in range(steps - 1):
-            trainer.train_step()[0].item()
+            trainer.train_step().loss.item()
         return (time.perf_counter() - t0) / (steps - 1)
 
 

@@ -71,7 +71,7 @@ def run_pretraining(args: PretrainArgs, show_summary: bool = True) -> TrainResul
                                  dist.rank, dist.world_size)
         trainer = Trainer(
             model, resolved.train, sampler, val, args.out, device=device, precision=precision,
-            tokenizer=data.tokenizer, dist=dist, tokens_per_step=args.train.batch_tokens,
+            tokenizer=data.tokenizer, dist=dist,
             flops_per_token=model_cfg.flops_per_token(seq_len), config=to_dict(resolved),
             resume_hint=f"ling pretrain --config {Path(args.out) / 'config.yaml'} --resume auto",
             sample_prompt=[int(t) for t in data.val[: min(16, seq_len // 2)]],

@@ -63,6 +63,17 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 
 @dataclass
+class StepResult:
+    loss: torch.Tensor
+    """mean loss over every counted position of the global batch (a device tensor: .item() syncs)"""
+    grad_norm: float | None
+    """global gradient norm before clipping (None without clipping)"""
+    lr: float
+    tokens: int
+    """tokens in the global batch (all processes)"""
+
+
+@dataclass
 class TrainResult:
     step: int
     tokens_seen: int
@@ -80,14 +91,14 @@ class TrainResult:
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, batches: BatchSource, val_batches: list[Batch],
                  run_dir: str | Path, *, device: torch.device, precision: str, tokenizer=None,
-                 dist: Dist = Dist(), tokens_per_step: int, flops_per_token: float,
+                 dist: Dist = Dist(), flops_per_token: float,
                  loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_loss,
                  save_weights: Callable = save_model_dir, load_weights: Callable = load_model_weights,
                  config: dict | None = None, resume_hint: str = "--resume auto",
                  sample_prompt: list[int] | None = None):
         self.cfg, self.batches, self.val_batches = cfg, batches, val_batches
         self.device, self.precision, self.tokenizer, self.dist = device, precision, tokenizer, dist
-        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.flops_per_token = flops_per_token
         self.loss_fn, self.save_weights, self.load_weights = loss_fn, save_weights, load_weights
         self.config, self.resume_hint, self.sample_prompt = config, resume_hint, sample_prompt
         if device.type == "cpu":
@@ -124,17 +135,17 @@ class Trainer:
         try:
             meter.start()
             while self.step < cfg.max_steps:
-                loss, grad_norm, lr = self.train_step()
-                meter.add(self.tokens_per_step)
+                result = self.train_step()
+                meter.add(result.tokens)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    loss = result.loss.item()  # waits for the device, so the window's time is right
                     rate = meter.lap()
                     util = mfu(rate, self.flops_per_token, self.peak, self.dist.world_size)
-                    loss_value = loss.item()
-                    self.metrics.write({"kind": "train", "step": self.step, "loss": loss_value, "lr": lr,
-                                        "grad_norm": grad_norm, "tokens": self.tokens_seen,
+                    self.metrics.write({"kind": "train", "step": self.step, "loss": loss, "lr": result.lr,
+                                        "grad_norm": result.grad_norm, "tokens": self.tokens_seen,
                                         "tokens_per_s": rate, "mfu": util})
-                    bar.set_postfix_str(f"loss {loss_value:.4f} · lr {lr:.2e} · {rate:,.0f} tok/s"
+                    bar.set_postfix_str(f"loss {loss:.4f} · lr {result.lr:.2e} · {rate:,.0f} tok/s"
                                         + (f" · MFU {util:.1%}" if util is not None else ""))
                 time_up = cfg.time_limit > 0 and time.perf_counter() - t_start >= cfg.time_limit * 60
                 stop = distributed.any_rank(self._stop_signal is not None or time_up, self.dist, self.device)
@@ -159,12 +170,13 @@ class Trainer:
             seconds=time.perf_counter() - t_start, checkpoint=self.last_checkpoint, interrupted=interrupted,
         )
 
-    def train_step(self) -> tuple[torch.Tensor, float | None, float]:
-        """One optimizer step over this process's micro-batches; returns the global mean loss."""
+    def train_step(self) -> "StepResult":
+        """One optimizer step over this process's micro-batches."""
         lr = self.schedule.set(self.optimizer, self.step)
         micro = self.batches.next_step()
-        counted = torch.tensor(float(sum(b.num_targets for b in micro)), device=self.device)
-        n_targets = distributed.all_reduce_sum(counted, self.dist)
+        counts = torch.tensor([float(sum(b.num_targets for b in micro)), float(sum(b.num_tokens for b in micro))],
+                              device=self.device)
+        n_targets, n_tokens = distributed.all_reduce_sum(counts, self.dist)
         # DDP averages gradients over processes; scale so the result is the global mean.
         scale = self.dist.world_size / n_targets
         loss_sum = torch.zeros((), device=self.device)
@@ -189,8 +201,9 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += self.tokens_per_step
-        return distributed.all_reduce_sum(loss_sum, self.dist) / n_targets, grad_norm, lr
+        self.tokens_seen += int(n_tokens)
+        mean_loss = distributed.all_reduce_sum(loss_sum, self.dist) / n_targets
+        return StepResult(loss=mean_loss, grad_norm=grad_norm, lr=lr, tokens=int(n_tokens))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
