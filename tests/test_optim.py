@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from ling.config import ModelConfig
 from ling.model import build_model

@@ -16,7 +16,6 @@ from ling.data.sampler import PretrainSampler, validation_batches
 from ling.dataclass_io import to_dict
 from ling.device import pick_device, pick_precision
 from ling.model import build_model
-from ling.tokenizer import Tokenizer
 from ling.train import distributed
 from ling.train.config import TrainConfig
 from ling.train.trainer import Trainer, TrainResult

@@ -29,14 +29,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from ling.atomic import atomic_file
-from ling.checkpoint import save_model_dir, unwrap
+from ling.checkpoint import save_model_dir
 from ling.data.batch import IGNORE_INDEX, Batch
 from ling.dataclass_io import to_dict
 from ling.errors import LingError
 from ling.model import autocast_context
 from ling.train import distributed
 from ling.train.allocator import reuse_freed_memory
-from ling.train.checkpointing import RunDir, load_model_weights, rng_state, seed_everything, set_rng_state
+from ling.train.checkpointing import (RunDir, load_model_weights, read_train_state, rng_state, seed_everything,
+                                      set_rng_state)
 from ling.train.config import TrainConfig
 from ling.train.distributed import Dist
 from ling.train.metrics import Throughput, mfu, peak_flops
@@ -277,8 +278,6 @@ class Trainer:
             if found is None and self.dist.is_main:
                 print(f"no checkpoint to resume in {self.run.root}: starting fresh", file=sys.stderr)
         elif resume:
-            from ling.train.checkpointing import read_train_state
-
             found = (Path(resume), read_train_state(Path(resume)))
         elif self.run.step_dirs():
             raise LingError(f"{self.run.root} already holds checkpoints: add --resume auto to continue that run, "
