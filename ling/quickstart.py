@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def quickstart(args: QuickstartArgs) -> int:
     model_cfg = dataclasses.replace(MODEL, vocab_size=data.tokenizer.vocab_size)
     pretrain_args = PretrainArgs(data=str(data_dir), out=str(run_dir), model=model_cfg,
                                  train=dataclasses.replace(TRAIN, precision=precision), device=str(device))
-    step_s = seconds_per_step(pretrain_args, data.train, device, precision)
+    step_s = seconds_per_step(pretrain_args, data.train, device, precision, budget_s=min(5.0, args.minutes * 2.4))
     steps = max(20, int(args.minutes * 60 / step_s))
     pretrain_args.train = dataclasses.replace(
         pretrain_args.train, max_steps=steps, time_limit=args.minutes * 1.1,
@@ -117,8 +118,9 @@ def quickstart(args: QuickstartArgs) -> int:
     return 0
 
 
-def seconds_per_step(args: PretrainArgs, tokens, device: torch.device, precision: str, steps: int = 3) -> float:
-    """Time a few training steps of a throwaway copy of the model (the first is a warm-up)."""
+def seconds_per_step(args: PretrainArgs, tokens, device: torch.device, precision: str, budget_s: float) -> float:
+    """Median time of a training step of a throwaway copy of the model, over at least 3 steps
+    and `budget_s` seconds (after 2 warm-up steps)."""
     cfg = args.train
     model = build_model(args.model, device=device)
     sampler = PretrainSampler(tokens, args.model.context_length, cfg.micro_batch,
@@ -126,11 +128,14 @@ def seconds_per_step(args: PretrainArgs, tokens, device: torch.device, precision
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, cfg, sampler, [], tmp, device=device, precision=precision,
                           flops_per_token=args.model.flops_per_token())
-        trainer.train_step().loss.item()
-        t0 = time.perf_counter()
-        for _ in range(steps - 1):
+        for _ in range(2):
             trainer.train_step().loss.item()
-        return (time.perf_counter() - t0) / (steps - 1)
+        times, started = [], time.perf_counter()
+        while len(times) < 3 or time.perf_counter() - started < budget_s:
+            t0 = time.perf_counter()
+            trainer.train_step().loss.item()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
 
 
 def _sample(model, tokenizer, prompt: list[int], n: int) -> str:
