@@ -42,6 +42,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "pretrain": Command("ling.train.pretrain:PretrainArgs:pretrain", "pretrain a model on a prepared dataset"),
     "quickstart": Command("ling.quickstart:QuickstartArgs:quickstart",
                           "prepare the builtin corpus, pretrain a small model for ~2 minutes, sample from it"),
+    "generate": Command("ling.infer.generate:GenerateArgs:generate", "generate text from a checkpoint (one prompt or a file)"),
+    "chat": Command("ling.infer.chat:ChatArgs:chat", "chat with a checkpoint in the terminal"),
     "convert": {
         "from-hf": Command("ling.hf.convert:FromHFArgs:from_hf", "Hugging Face model directory → ling checkpoint"),
         "to-hf": Command("ling.hf.convert:ToHFArgs:to_hf", "ling checkpoint → Hugging Face model directory"),

@@ -40,19 +40,34 @@ class KVCache:
     Each row of the batch writes at its own positions, so sequences of different lengths
     (and, in a server, requests that joined at different times) share one cache. The
     buffers never change shape, which keeps decoding friendly to `torch.compile`.
+
+    Attention over the cache runs in the cache's dtype, which may differ from the model's:
+    on CPU an fp32 cache is the fast choice even for bf16 weights, because PyTorch's CPU
+    attention kernel is several times slower in bf16 for a single query per row.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.batch_size, self.max_len = batch_size, max_len
+        self.batch_size, self.max_len, self.dtype = batch_size, max_len, dtype
         self.kv_len = max_len
         """how many leading slots attention reads; a caller may shrink it to skip empty slots"""
+        self._rows = torch.arange(batch_size, device=device)[:, None]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows start:stop of this one, sharing its buffers: lets a request be
+        prefilled into its own rows while the other rows keep their contents."""
+        view = object.__new__(KVCache)
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.batch_size, view.max_len, view.kv_len, view.dtype = stop - start, self.max_len, self.kv_len, self.dtype
+        view._rows = self._rows[: stop - start]
+        return view
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Store k, v (B, H_kv, T, D) at slots `positions` (B, T); return the readable span."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        rows = self._rows[: k.shape[0]]
         # Advanced indices around a slice put the indexed dims first: (B, T, H_kv, D).
         self.k[layer][rows, :, positions] = k.transpose(1, 2).to(self.k[layer].dtype)
         self.v[layer][rows, :, positions] = v.transpose(1, 2).to(self.v[layer].dtype)
@@ -97,11 +112,11 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
     return angles.cos().to(device), angles.sin().to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by cos/sin (B, 1, T, D)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by cos/sin (B, T, 1, D) in float32; the result in `dtype` (x's by default)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return (x * cos + rotated * sin).to(dtype or x.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,28 +163,30 @@ class Attention(nn.Module):
     def forward(self, x, rope, positions, mask, cache: KVCache | None, layer: int):
         cfg = self.cfg
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        H, H_kv = cfg.n_head, cfg.n_kv_head
+        qkv = self.qkv(x).unflatten(-1, (H + 2 * H_kv, cfg.head_dim))  # (B, T, heads, D)
+        qk, v = qkv[:, :, : H + H_kv], qkv[:, :, H + H_kv :]
+        attention_dtype = qkv.dtype if cache is None else cache.dtype  # the cache's precision (see KVCache)
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
+        if rope is not None:  # q and k heads rotated together: one set of ops, not two
+            qk = apply_rope(qk, *rope, dtype=attention_dtype)
+        q, k = qk.to(attention_dtype).transpose(1, 2).split([H, H_kv], dim=1)
+        v = v.transpose(1, 2)
         dropout = cfg.dropout if self.training else 0.0
         if cache is not None:
             k, v = cache.write(layer, k, v, positions)
-        elif q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        if cache is None and q.device.type == "cpu" and q.dtype == torch.bfloat16:
             y = explicit_attention(q, k, v, mask, dropout)
-            return self.o(y.transpose(1, 2).reshape(B, T, self.q_size))
-        y = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype),
-            attn_mask=mask,
-            dropout_p=dropout,
-            is_causal=mask is None,
-            enable_gqa=cfg.n_kv_head != cfg.n_head,
-        )
-        return self.o(y.transpose(1, 2).reshape(B, T, self.q_size))
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=mask is None,
+                enable_gqa=H_kv != H,
+            )
+        return self.o(y.transpose(1, 2).reshape(B, T, self.q_size).to(qkv.dtype))
 
 
 def explicit_attention(q, k, v, mask=None, dropout: float = 0.0) -> torch.Tensor:
@@ -282,7 +299,7 @@ class Transformer(nn.Module):
         if self.cfg.position == "learned":
             x = x + self.pos_embed(positions)
         else:
-            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+            rope = (self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None])
         if cache is not None and mask is None:
             # Causal over cache slots: the key in slot j is visible to a query at position p iff j <= p.
             slots = torch.arange(cache.kv_len, device=tokens.device)

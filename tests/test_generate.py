@@ -3,7 +3,8 @@
 import torch
 
 from ling.config import ModelConfig
-from ling.infer.generate import generate_tokens, sample_next
+from ling.infer.engine import Engine
+from ling.infer.generate import generate_tokens
 from ling.model import build_model
 
 
@@ -29,13 +30,6 @@ def test_same_seed_same_tokens_different_seed_differs():
     assert runs[0] != runs[2]
 
 
-def test_top_k_one_is_greedy_and_top_p_keeps_the_top_token():
-    logits = torch.tensor([[0.1, 3.0, 0.5, 2.9]])
-    g = torch.Generator().manual_seed(0)
-    assert all(int(sample_next(logits, 1.0, top_k=1, generator=g)) == 1 for _ in range(20))
-    assert all(int(sample_next(logits, 1.0, top_p=1e-6, generator=g)) == 1 for _ in range(20))
-
-
 def test_generation_stops_at_a_stop_id_and_at_the_context_limit():
     model = build_model(ModelConfig.from_name("tiny")).eval()
     greedy = list(generate_tokens(model, [1, 2], 10, temperature=0))
@@ -43,3 +37,10 @@ def test_generation_stops_at_a_stop_id_and_at_the_context_limit():
     assert stopped == greedy[: greedy.index(greedy[2]) + 1]
     long = list(generate_tokens(model, list(range(60)), 100, temperature=0))
     assert len(long) == 4  # context_length 64
+
+
+def test_a_compiled_model_is_sampled_through_its_bare_module():
+    model = build_model(ModelConfig.from_name("tiny")).eval()
+    compiled = torch.compile(model)  # e.g. the trainer's: decoding must not trace it step by step
+    assert Engine(compiled).model is model
+    assert list(generate_tokens(compiled, [1, 2, 3], 8, temperature=0)) == list(generate_tokens(model, [1, 2, 3], 8, temperature=0))

@@ -1,69 +1,227 @@
-"""Token-by-token sampling from a model with its KV cache: the small, single-sequence path.
+"""Generation entry points: `generate_tokens` for code holding a model, and `ling generate`.
 
-`generate_tokens` prefills the prompt once, then feeds one token per step, each attending
-to the cached keys and values. Sampling uses its own `torch.Generator`, so the same seed
-gives the same text whatever else uses the global RNG.
+`generate_tokens` is the small path for a model in memory (the trainer's samples before and
+after training): it runs the `Engine` with a one-row cache sized to the request and leaves
+the model in the train/eval mode it found it in. `ling generate` continues one prompt, or
+runs a file of prompts in batches and writes JSONL.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Iterator, Literal, Optional, TextIO
 
 import torch
+import tyro
+from tqdm import tqdm
 
+from ling.atomic import atomic_file
+from ling.dataclass_io import from_dict
 from ling.errors import LingError
-from ling.model import KVCache, Transformer
+from ling.infer.engine import Completion, Engine
+from ling.infer.prepack import can_prepack
+from ling.infer.sampling import SamplingParams
+from ling.model import Transformer
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick next-token ids (B,) from logits (B, V): greedy at temperature 0, else sample."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p.
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()
 def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                     stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
-    """Yield up to `max_new_tokens` sampled token ids after `prompt` (stops after a stop id)."""
-    if not prompt:
-        raise LingError("the prompt is empty: give at least one token")
-    limit = model.cfg.context_length
-    if len(prompt) >= limit:
-        raise LingError(f"the prompt is {len(prompt)} tokens; this model's context is {limit} tokens")
-    max_new_tokens = min(max_new_tokens, limit - len(prompt))
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    """Yield up to `max_new_tokens` sampled token ids after `prompt` (the last may be a stop id).
+
+    Generation also ends when prompt + output fill the model's context; a prompt that
+    already fills it is a `LingError`."""
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
+        top_p=1.0 if top_p is None else top_p, seed=seed, stop_token_ids=list(stop_ids),
+    )
     was_training = model.training
-    model.eval()
     try:
-        dtype = next(model.parameters()).dtype
-        cache = KVCache(model.cfg, batch_size=1, max_len=len(prompt) + max_new_tokens, device=device, dtype=dtype)
-        tokens = torch.tensor([prompt], device=device)
-        positions = torch.arange(len(prompt), device=device)[None]
-        for _ in range(max_new_tokens):
-            logits = model(tokens, positions, cache=cache)[:, -1]
-            next_id = sample_next(logits, temperature, top_k, top_p, generator)
-            token = int(next_id)
-            yield token
-            if token in stop_ids:
-                return
-            tokens = next_id[:, None]
-            positions = positions[:, -1:] + 1
+        engine = Engine(model, max_batch_size=1, max_len=len(prompt) + max(max_new_tokens, 1))
+        for _, delta in engine.stream([prompt], params):
+            yield from delta.token_ids
     finally:
         model.train(was_training)
+
+
+# ---- `ling generate` -------------------------------------------------------------------
+@dataclass
+class ModelArgs:
+    """Which model to run, where, and how (shared by `ling generate` and `ling chat`)."""
+
+    ckpt: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CKPT")]
+    """checkpoint directory (ling or Hugging Face format)"""
+    device: str = "auto"
+    """cpu, cuda, mps, ... (auto: cuda > mps > cpu)"""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """weights and cache precision (auto: bf16 where the hardware has it, else fp32)"""
+    compile: bool = False
+    """torch.compile the decode step (does not pay on CPU; see BENCHMARKS.md)"""
+    draft: Optional[str] = None
+    """a small checkpoint with the same tokenizer for speculative decoding (greedy only)"""
+
+
+@dataclass
+class GenerateArgs(ModelArgs):
+    """Generate text from a checkpoint: one prompt, or a file of prompts in batches."""
+
+    prompt: Optional[str] = None
+    """the text to continue"""
+    prompts_file: Optional[str] = None
+    """one prompt per line, or JSONL ({"prompt": ..., plus any sampling field to override})"""
+    batch_size: int = 8
+    """prompts decoded together (more are queued and join as others finish)"""
+    output: Optional[str] = None
+    """write the JSONL results here instead of stdout"""
+    stream: bool = False
+    """print text as it is generated (with --prompts-file: each result as soon as it is done)"""
+    sampling: tyro.conf.OmitArgPrefixes[SamplingParams] = field(default_factory=SamplingParams)
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def default_dtype(device: str) -> str:
+    """bf16 where it is native and fast (CUDA with bf16, CPUs with AVX512-BF16 / AMX), else fp32."""
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    if kind == "cpu" and can_prepack("cpu", torch.bfloat16):
+        return "bf16"
+    return "fp32"
+
+
+def build_engine(args: ModelArgs, max_batch_size: int) -> Engine:
+    device = default_device() if args.device == "auto" else args.device
+    dtype = default_dtype(device) if args.dtype == "auto" else args.dtype
+    draft = None
+    if args.draft is not None:
+        draft = Engine(args.draft, device=device, dtype=dtype, max_batch_size=max_batch_size)
+    return Engine(args.ckpt, device=device, dtype=dtype, max_batch_size=max_batch_size, compile=args.compile,
+                  draft=draft)
+
+
+def read_prompts(path: str, defaults: SamplingParams) -> list[tuple[str, SamplingParams, str]]:
+    """(prompt, params, "file:line") for each prompt of a text file (one per line) or a JSONL
+    file (a "prompt" and any sampling overrides per line)."""
+    file = Path(path)
+    if not file.exists():
+        raise LingError(f"{path}: no such prompts file")
+    lines = file.read_text(encoding="utf-8").splitlines()
+    is_jsonl = file.suffix == ".jsonl" or next((ln.lstrip().startswith("{") for ln in lines if ln.strip()), False)
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        if not is_jsonl:
+            prompts.append((line, defaults, where))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LingError(f"{where}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise LingError(f'{where}: each line needs a "prompt" string')
+        overrides = {k: v for k, v in record.items() if k != "prompt"}
+        prompts.append((record["prompt"], from_dict(SamplingParams, overrides, where=where, partial_base=defaults), where))
+    if not prompts:
+        raise LingError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def result_record(index: int, prompt: str, completion: Completion) -> dict:
+    record = {
+        "index": index, "prompt": prompt, "text": completion.text, "finish_reason": completion.finish_reason,
+        "prompt_tokens": completion.prompt_tokens, "completion_tokens": len(completion.token_ids),
+    }
+    if completion.logprobs:
+        record["logprobs"] = [
+            {"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
+            for lp in completion.logprobs
+        ]
+    return record
+
+
+def generate(args: GenerateArgs) -> None:
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise LingError("give exactly one of --prompt TEXT or --prompts-file FILE")
+    if args.batch_size < 1:
+        raise LingError("--batch-size must be at least 1")
+    if args.prompt is not None:
+        engine = build_engine(args, max_batch_size=1)
+        if engine.tokenizer is None:
+            raise LingError(f"{args.ckpt}: no tokenizer.json, so text prompts cannot be encoded")
+        generate_one(engine, args.prompt, args.sampling, args.stream)
+    else:
+        prompts = read_prompts(args.prompts_file, args.sampling)
+        engine = build_engine(args, max_batch_size=args.batch_size)
+        if args.output is None:
+            generate_many(engine, prompts, sys.stdout, args.stream)
+        else:
+            with atomic_file(args.output) as out:
+                generate_many(engine, prompts, out, args.stream)
+            print(f"wrote {len(prompts)} results to {args.output}", file=sys.stderr)
+
+
+def generate_one(engine: Engine, prompt: str, params: SamplingParams, stream: bool) -> None:
+    """Print the prompt and its continuation (as it comes with `stream`), then a summary."""
+    start = time.perf_counter()
+    print(prompt, end="", flush=True)
+    tokens = 0
+    for _, delta in engine.stream([prompt], params):
+        tokens += len(delta.token_ids)
+        print(delta.text, end="", flush=stream)
+    print(flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s{speculation_note(engine)}]",
+          file=sys.stderr)
+
+
+def generate_many(engine: Engine, prompts: list[tuple[str, SamplingParams, str]], out: TextIO, stream: bool) -> None:
+    """Batched generation for every prompt; one JSONL result per prompt, in input order
+    (with `stream`, in the order they finish)."""
+    texts = [p for p, _, _ in prompts]
+    params = [sp for _, sp, _ in prompts]
+    ids = [engine.encode_prompt(p) for p in texts]
+    for (_, sp, where), prompt_ids in zip(prompts, ids):
+        try:
+            engine.check(prompt_ids, sp)
+        except LingError as e:
+            raise LingError(f"{where}: {e}") from None
+    parts: list[list] = [[] for _ in prompts]
+    results: list[dict | None] = [None] * len(prompts)
+    start, tokens = time.perf_counter(), 0
+    with tqdm(total=len(prompts), unit="prompt", file=sys.stderr, disable=None) as bar:
+        for i, delta in engine.stream(ids, params):
+            parts[i].append(delta)
+            tokens += len(delta.token_ids)
+            if delta.finish_reason is None:
+                continue
+            results[i] = result_record(i, texts[i], Completion.from_deltas(parts[i], len(ids[i])))
+            if stream:
+                out.write(json.dumps(results[i], ensure_ascii=False) + "\n")
+                out.flush()
+            bar.update(1)
+    if not stream:
+        for record in results:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    elapsed = time.perf_counter() - start
+    print(f"{len(prompts)} prompts, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tokens/s"
+          f"{speculation_note(engine)})", file=sys.stderr)
+
+
+def speculation_note(engine: Engine) -> str:
+    proposed = engine.speculation["proposed"]
+    if engine.draft is None or not proposed:
+        return ""
+    return f", draft tokens accepted: {100 * engine.speculation['accepted'] / proposed:.0f}%"

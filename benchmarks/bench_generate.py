@@ -1,0 +1,161 @@
+"""Generation speed: ling's Engine vs transformers' `generate`, on the same weights, CPU.
+
+Builds random-init transformers models once (GPT-2 6×384 with a 72-symbol character
+vocabulary, like the pretraining benchmark's model, and a Llama shaped as ling's
+`llama-110m` preset), saves them with `save_pretrained`, and loads the very same directory
+into both libraries (ling converts it on load). Then, for fp32 and bf16 weights and batch
+1 and 8, interleaved round by round (ling, transformers, ling, ...):
+
+- time to first token (TTFT): `max_new_tokens=1` on a 128-token prompt per row;
+- prefill tokens/s: batch × prompt tokens / TTFT;
+- decode tokens/s: batch × (N − 1) / (time for N new tokens − TTFT), N = 128, greedy,
+  no early stop; medians over the rounds.
+
+It also checks that both produce the same greedy tokens (fp32). Run from the repo root:
+
+    PYTHONPATH=. python benchmarks/bench_generate.py [--rounds 3] [--models gpt-6x384 llama-110m]
+        [--dtypes fp32 bf16] [--batches 1 8] [--threads 2] [--clock wall] [--compile]
+
+`--clock cpu` times with this process's CPU time instead of the wall clock: with
+`--threads 1` on a machine shared with other jobs, that approximates what an idle core would
+give (a process waiting for its turn on the CPU does not accumulate CPU time).
+
+`--compile` adds a ling row with `torch.compile` of the decode step (its compile time is
+excluded: it is warmed up first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from ling.infer import Engine, SamplingParams
+
+MODELS = {
+    "gpt-6x384": lambda: GPT2Config(vocab_size=72, n_positions=1024, n_embd=384, n_layer=6, n_head=6,
+                                    bos_token_id=0, eos_token_id=0),
+    "llama-110m": lambda: LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2432, num_hidden_layers=12,
+                                      num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=1024,
+                                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                                      bos_token_id=1, eos_token_id=2),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def hf_dir(name: str, root: Path) -> Path:
+    """The model's HF directory (random init, saved once)."""
+    path = root / name
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(MODELS[name]()).save_pretrained(path)
+    return path
+
+
+class HFRunner:
+    def __init__(self, path: Path, dtype: str):
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+
+    def __call__(self, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+        with torch.inference_mode():
+            out = self.model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return out[:, prompts.shape[1]:].tolist()
+
+
+class LingRunner:
+    def __init__(self, path: Path, dtype: str, batch: int, compile: bool = False):
+        self.engine = Engine(path, dtype=dtype, max_batch_size=batch, compile=compile)
+
+    def __call__(self, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+        params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+        return [c.token_ids for c in self.engine.generate(prompts.tolist(), params)]
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
+def timed(run, prompts, new_tokens):
+    start = clock()
+    out = run(prompts, new_tokens)
+    return clock() - start, out
+
+
+def bench(runners: dict, prompts: torch.Tensor, new_tokens: int, rounds: int) -> dict:
+    """Interleaved rounds; per runner: medians of TTFT and of the N-token time; last outputs."""
+    for run in runners.values():  # warm-up (and compile, where asked)
+        run(prompts, 8)
+    times = {name: {"ttft": [], "total": []} for name in runners}
+    outputs = {}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            times[name]["ttft"].append(timed(run, prompts, 1)[0])
+            seconds, outputs[name] = timed(run, prompts, new_tokens)
+            times[name]["total"].append(seconds)
+    B, P = prompts.shape
+    results = {}
+    for name, t in times.items():
+        ttft, total = statistics.median(t["ttft"]), statistics.median(t["total"])
+        results[name] = {
+            "ttft_ms": 1000 * ttft,
+            "prefill_tok_s": B * P / ttft,
+            "decode_tok_s": B * (new_tokens - 1) / max(total - ttft, 1e-9),
+            "tokens": outputs[name],
+        }
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="cpu: process CPU time (use with --threads 1)")
+    parser.add_argument("--compile", action="store_true", help="add a ling row with torch.compile")
+    parser.add_argument("--dir", default="/tmp/ling-bench-generate", help="where the HF models are saved")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
+    transformers.logging.set_verbosity_error()
+    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, {args.clock} clock, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, {time.strftime('%Y-%m-%d')}, "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"# prompt {args.prompt_tokens} tokens/row, {args.new_tokens} new tokens, greedy, median of {args.rounds}")
+    print("| model | dtype | batch | engine | decode tok/s | prefill tok/s | TTFT ms | decode vs HF | same tokens |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---|")
+    for model in args.models:
+        path = hf_dir(model, Path(args.dir))
+        vocab = MODELS[model]().vocab_size
+        for dtype in args.dtypes:
+            hf = HFRunner(path, dtype)
+            for batch in args.batches:
+                generator = torch.Generator().manual_seed(batch)
+                prompts = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=generator)
+                runners = {"ling": LingRunner(path, dtype, batch)}
+                if args.compile:
+                    runners["ling (compile)"] = LingRunner(path, dtype, batch, compile=True)
+                runners["transformers"] = hf
+                results = bench(runners, prompts, args.new_tokens, args.rounds)
+                reference = results["transformers"]
+                for name, r in results.items():
+                    ratio = r["decode_tok_s"] / reference["decode_tok_s"]
+                    same = "yes" if r["tokens"] == reference["tokens"] else "no"
+                    print(f"| {model} | {dtype} | {batch} | {name} | {r['decode_tok_s']:.0f} | "
+                          f"{r['prefill_tok_s']:.0f} | {r['ttft_ms']:.1f} | {ratio:.2f}x | {same} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
