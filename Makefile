@@ -10,6 +10,11 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test setup setup-dev clean
 
+# The chat-page test drives headless Chromium from the distribution's packages (a test tool
+# never downloads a browser). Installed only when absent; needs root (or sudo) and apt.
+CHROMEDRIVER := /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -29,12 +34,16 @@ $(VENV)/.ling-dev: pyproject.toml $(VENV)/.torch
 setup: $(VENV)/.ling
 setup-dev: $(VENV)/.ling-dev
 
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+
 demo: setup
 	$(BIN)/ling quickstart
 
 # pytest exit code 5 means "no tests were collected": for this project that is a broken
 # suite (a bad path or an import-time skip), so it fails loudly instead of passing.
-test: setup-dev
+test: setup-dev $(CHROMEDRIVER)
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests — the suite is broken" >&2; exit 1; fi; \
 	exit $$rc

@@ -1,0 +1,118 @@
+"""The chat page at `/`, driven in headless Chromium (Debian `chromium` + `chromium-driver`)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ling.serve.server import ServeArgs
+from tests.serving import live_server, make_checkpoint
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+WAIT = 30  # seconds a condition may take before the test fails (not a timing assertion)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("browser") / "tiny-chat", context_length=2048)
+    with live_server(ServeArgs(ckpt=str(ckpt), max_batch_size=2)) as (url, state):
+        yield url, state
+
+
+@contextlib.contextmanager
+def held_after(state, tokens: int):
+    """Let a reply stream `tokens` tokens, then hold the engine until the block ends: the test
+    acts on a reply that is surely still running, whatever the machine's speed."""
+    release = threading.Event()
+    engine = state.scheduler.engine
+    step = engine.step
+
+    def held_step():
+        if any(h.generated >= tokens for h in list(state.scheduler.handles.values())):
+            release.wait()
+        return step()
+
+    engine.step = held_step
+    try:
+        yield
+    finally:
+        release.set()
+        del engine.step
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.fail("headless Chromium is missing: apt-get install -y chromium chromium-driver (make test does it)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--disable-crash-reporter", "--disable-breakpad",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition, message):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT, poll_frequency=0.05).until(lambda d: condition(d), message)
+
+
+def test_page_has_no_external_resources(server):
+    html = httpx.get(server[0] + "/").text
+    assert "<script>" in html and "<style>" in html
+    assert not re.search(r"""(src|href)\s*=|@import|https?://|//cdn""", html)
+
+
+@pytest.mark.timeout(120)
+def test_chat_page_streams_a_reply_and_the_stop_button_ends_it(server, browser):
+    from selenium.webdriver.common.by import By
+
+    url, state = server
+    browser.get(url + "/")
+    wait_for(browser, lambda d: d.find_element(By.ID, "model").text == "tiny-chat", "the page did not list the model")
+    system, temperature = browser.find_element(By.ID, "system"), browser.find_element(By.ID, "temperature")
+    system.send_keys("You are a tiny test model.")
+    temperature.clear()
+    temperature.send_keys("0")
+    browser.find_element(By.ID, "max-tokens").send_keys("24")
+
+    browser.find_element(By.ID, "input").send_keys("Speak, speak.")
+    browser.find_element(By.ID, "send").click()
+    reply = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, ".message.assistant[data-state=done]"),
+                     "no finished reply appeared")
+    assert browser.find_element(By.CSS_SELECTOR, ".message.user").text == "Speak, speak."
+    expected = httpx.post(url + "/v1/chat/completions", json={
+        "messages": [{"role": "system", "content": "You are a tiny test model."},
+                     {"role": "user", "content": "Speak, speak."}],
+        "temperature": 0, "max_tokens": 24}).json()["choices"][0]["message"]["content"]
+    # The page renders the streamed deltas; it must have the same text as the whole answer.
+    assert browser.execute_script("return arguments[0].firstChild.textContent", reply) == expected
+    assert "length limit" in reply.text
+
+    # A long reply (no token limit): stop it while it streams; the server sees the client go away.
+    browser.find_element(By.ID, "max-tokens").clear()
+    with held_after(state, tokens=40):
+        browser.find_element(By.ID, "input").send_keys("Again, at length.")
+        browser.find_element(By.ID, "send").click()
+        streaming = wait_for(browser, lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".message.assistant")
+                                                 if e.get_attribute("data-state") == "streaming" and e.text.strip()],
+                             "the second reply did not start streaming")[0]
+        browser.find_element(By.ID, "stop").click()
+        wait_for(browser, lambda d: streaming.get_attribute("data-state") == "done", "stop did not end the reply")
+    assert "(stopped)" in streaming.text
+    assert browser.find_element(By.ID, "send").is_enabled() and not browser.find_element(By.ID, "stop").is_enabled()
+    wait_for(browser, lambda d: 'ling_sequences_finished_total{reason="abort"} 1.0' in httpx.get(url + "/metrics").text,
+             "the server did not abort the stopped reply")
