@@ -107,7 +107,9 @@ class Trainer:
         self.run = RunDir(run_dir)
         self.model = model  # bare: what is saved, loaded and sampled from
         model.to(device)
-        model.activation_checkpointing = cfg.activation_checkpointing
+        for module in model.modules():  # the Transformer, also inside a fine-tuning wrapper
+            if hasattr(module, "activation_checkpointing"):
+                module.activation_checkpointing = cfg.activation_checkpointing
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise LingError("no parameter has requires_grad: nothing to train")
