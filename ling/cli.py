@@ -39,6 +39,9 @@ class Command:
 # Commands are imported only when run, so `ling --help` stays fast.
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "prepare": Command("ling.data.prepare:PrepareArgs:prepare", "tokenize text, jsonl, parquet or URLs into a dataset directory"),
+    "pretrain": Command("ling.train.pretrain:PretrainArgs:pretrain", "pretrain a model on a prepared dataset"),
+    "quickstart": Command("ling.quickstart:QuickstartArgs:quickstart",
+                          "prepare the builtin corpus, pretrain a small model for ~2 minutes, sample from it"),
     "finetune": Command("ling.train.finetune:FinetuneArgs:finetune", "fine-tune a model: full or LoRA, chat/instruction SFT or a task head"),
     "merge": Command("ling.train.lora:MergeArgs:merge", "fold a LoRA adapter into its base model"),
     "eval": Command("ling.eval.evaluate:EvalArgs:evaluate", "loss / perplexity / bits-per-byte, or a classifier's accuracy"),
@@ -124,27 +127,69 @@ def _required_placeholder(cls):
     return obj
 
 
+def _named_value(flag: str, args: list[str]) -> str | None:
+    """The value given to `--flag VALUE` / `--flag=VALUE` in argv (the last one wins)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _yaml_mapping(file: str) -> dict:
+    path = Path(file)
+    if not path.exists():
+        raise LingError(f"{file}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise LingError(f"{file}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise LingError(f"{file}: expected a mapping of config keys at the top level")
+    return data
+
+
+def model_templates(cls, obj, files: list[str] = (), args: list[str] = ()):
+    """`obj` with each `ModelConfig` field made a template (see `ling.config.unresolved`), so
+    that YAML keys and flags such as `--model.n-embd` re-derive head_dim and friends. A
+    preset named by `--FIELD.name PRESET` (flag, else YAML) replaces the field's default."""
+    from ling.config import ModelConfig, unresolved
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if hints[f.name] is not ModelConfig:
+            continue
+        name = _named_value(f"--{f.name}.name", list(args))
+        if name is None:
+            for file in files:
+                section = _yaml_mapping(file).get(f.name)
+                if isinstance(section, dict) and "name" in section:
+                    name = section["name"]
+        if name is not None:
+            value = ModelConfig() if name == "custom" else ModelConfig.from_name(str(name))
+        else:
+            value = getattr(obj, f.name)
+        object.__setattr__(obj, f.name, unresolved(value))
+    return obj
+
+
 def load_yaml_config(cls, files: list[str], base=None):
     """Apply YAML files, in order, on top of `base` (or the class defaults)."""
     config = base if base is not None else _required_placeholder(cls)
     for file in files:
-        path = Path(file)
-        if not path.exists():
-            raise LingError(f"{file}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise LingError(f"{file}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        config = from_dict(cls, data, where=file, partial_base=config)
+        config = from_dict(cls, _yaml_mapping(file), where=file, partial_base=config)
     return config
 
 
 def parse(name: str, cls, argv: list[str], description: str):
     """Parse argv for one command: YAML files first, then flags on top."""
     configs, print_config, rest = _split_config_flags(argv)
-    default = load_yaml_config(cls, configs)
+    base = model_templates(cls, _required_placeholder(cls), configs, rest)
+    default = model_templates(cls, load_yaml_config(cls, configs, base=base))
     args = tyro.cli(cls, args=rest, default=default, prog=f"ling {name}", description=description)
     return args, print_config
 

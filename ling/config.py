@@ -7,6 +7,7 @@ biases, QK-norm, GQA, tying). `config.json` in a checkpoint is this dataclass as
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -143,12 +144,28 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
-        """A named preset, optionally with some fields replaced."""
+        """A named preset, optionally with some fields replaced (derived fields such as
+        head_dim follow a new n_embd / n_head unless they are overridden too)."""
         if name not in PRESETS:
             hint = closest(name, list(PRESETS))
             extra = f"; did you mean '{hint}'?" if hint else ""
             raise LingError(f"unknown model preset '{name}'{extra} (presets: {', '.join(PRESETS)})")
-        return dataclasses.replace(PRESETS[name], **overrides)
+        return dataclasses.replace(unresolved(PRESETS[name]), **overrides)
+
+
+def unresolved(cfg: ModelConfig) -> ModelConfig:
+    """A copy of `cfg` with n_kv_head, head_dim and mlp_hidden set back to None where they
+    hold the value derived from n_head / n_embd, so that a config built from it (with
+    `dataclasses.replace`, or by the CLI from flags) derives them again from the new values.
+    A template for defaults, not a config to use: it skips validation."""
+    template = copy.copy(cfg)
+    if cfg.n_kv_head == cfg.n_head:
+        template.n_kv_head = None
+    if cfg.head_dim is not None and cfg.head_dim * cfg.n_head == cfg.n_embd:
+        template.head_dim = None
+    if cfg.mlp_hidden == 4 * cfg.n_embd:
+        template.mlp_hidden = None
+    return template
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -102,3 +102,19 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for name in cli.COMMANDS:
         assert name in out
+
+
+def test_model_name_flag_picks_a_preset_and_derived_sizes_follow_overrides(echo_command):
+    assert cli.main(["echo", "--data", "d", "--model.name", "shakespeare-char", "--model.n-embd", "128",
+                     "--model.n-head", "4"]) == 0
+    model = echo_command[0].model
+    assert (model.name, model.n_layer, model.norm_bias) == ("shakespeare-char", 6, False)  # from the preset
+    assert (model.head_dim, model.mlp_hidden, model.n_kv_head) == (32, 512, 4)  # re-derived, not 64/1536/6
+
+
+def test_model_name_in_yaml_then_flags_on_top(echo_command, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data: d\nmodel:\n  name: gpt2\n  n_layer: 2\n")
+    assert cli.main(["echo", "--config", str(config), "--model.n-embd", "64", "--model.n-head", "2"]) == 0
+    model = echo_command[0].model
+    assert (model.n_layer, model.bias, model.n_embd, model.head_dim, model.mlp_hidden) == (2, "all", 64, 32, 256)

@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Optional, TextIO
 
-import torch
 import tyro
 from tqdm import tqdm
 
 from ling.atomic import atomic_file
 from ling.dataclass_io import from_dict
+from ling.device import pick_device, pick_precision
 from ling.errors import LingError
 from ling.infer.engine import Completion, Engine
-from ling.infer.prepack import can_prepack
 from ling.infer.sampling import SamplingParams
 from ling.model import Transformer
 
@@ -82,27 +81,9 @@ class GenerateArgs(ModelArgs):
     sampling: tyro.conf.OmitArgPrefixes[SamplingParams] = field(default_factory=SamplingParams)
 
 
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def default_dtype(device: str) -> str:
-    """bf16 where it is native and fast (CUDA with bf16, CPUs with AVX512-BF16 / AMX), else fp32."""
-    kind = torch.device(device).type
-    if kind == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    if kind == "cpu" and can_prepack("cpu", torch.bfloat16):
-        return "bf16"
-    return "fp32"
-
-
 def build_engine(args: ModelArgs, max_batch_size: int) -> Engine:
-    device = default_device() if args.device == "auto" else args.device
-    dtype = default_dtype(device) if args.dtype == "auto" else args.dtype
+    device = pick_device(args.device)
+    dtype = pick_precision("auto", device) if args.dtype == "auto" else args.dtype
     draft = None
     if args.draft is not None:
         draft = Engine(args.draft, device=device, dtype=dtype, max_batch_size=max_batch_size)

@@ -42,17 +42,16 @@ class ServeArgs:
     model_name: Optional[str] = None
     """the model id clients send and /v1/models lists (default: the checkpoint directory's name)"""
     device: str = "auto"
-    """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
+    """'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', ..."""
     dtype: Optional[str] = None
-    """fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)"""
+    """fp32, bf16 or fp16 (default: bf16 where the device does bf16 matmuls natively, else fp32)"""
     shutdown_timeout: float = 30.0
     """seconds requests in flight may take to finish when the server stops"""
 
 
 def build_state(args: ServeArgs):
     """Everything the app needs, from the command's arguments."""
-    import torch
-
+    from ling.device import pick_device, pick_precision
     from ling.infer import Engine
     from ling.serve.app import ServerState
     from ling.serve.metrics import Metrics
@@ -61,8 +60,8 @@ def build_state(args: ServeArgs):
     for name in ("max_batch_size", "max_queue", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise LingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    device = pick_device(args.device)
+    dtype = args.dtype or pick_precision("auto", device)
     engine = Engine(args.ckpt, device=device, dtype=dtype, max_batch_size=args.max_batch_size,
                     max_len=args.max_model_len)
     if engine.tokenizer is None:

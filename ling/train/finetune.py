@@ -317,7 +317,7 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True):
         trainer = Trainer(
             model, resolved.train, batches, val_mine.fixed_batches(args.train.eval_batches), args.out,
             device=device, precision=precision, tokenizer=tokenizer, dist=dist,
-            tokens_per_step=args.train.batch_tokens, flops_per_token=model.cfg.flops_per_token(seq_len),
+            flops_per_token=model.cfg.flops_per_token(seq_len),
             save_weights=saver.save, load_weights=saver.load, config=to_dict(resolved), on_eval=on_eval,
             resume_hint=f"ling finetune --config {Path(args.out) / 'config.yaml'} --resume auto",
         )

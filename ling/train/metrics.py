@@ -1,0 +1,144 @@
+"""Speed: tokens per second and model FLOPs utilisation (MFU) against the device's peak.
+
+Rates are tokens divided by the *duration* of the window they were processed in (a
+difference of two clock readings, eval and checkpoint time excluded), never by an absolute
+timestamp. MFU = achieved model FLOP/s ÷ peak FLOP/s of the devices used, where model
+FLOPs per token come from the model (`ModelConfig.flops_per_token`) and the peak is a
+table for known GPUs and, on CPUs, a short matmul probe measured once and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ling.atomic import atomic_file
+
+# Dense (no sparsity) peak FLOP/s per GPU from vendor data sheets: bf16/fp16 tensor cores,
+# and fp32 as TF32 tensor cores (ling trains fp32 on CUDA with TF32 matmuls).
+GPU_PEAK_FLOPS = {
+    "B200": {"bf16": 2250e12, "fp32": 1100e12},
+    "H200": {"bf16": 989e12, "fp32": 495e12},
+    "H100 PCIe": {"bf16": 756e12, "fp32": 378e12},
+    "H100": {"bf16": 989e12, "fp32": 495e12},
+    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "L40S": {"bf16": 362e12, "fp32": 183e12},
+    "L4": {"bf16": 121e12, "fp32": 60e12},
+    "A10G": {"bf16": 70e12, "fp32": 35e12},
+    "A10": {"bf16": 125e12, "fp32": 62.5e12},
+    "RTX 4090": {"bf16": 165e12, "fp32": 82.6e12},
+    "RTX 3090": {"bf16": 71e12, "fp32": 35.6e12},
+    "V100": {"bf16": 125e12, "fp32": 15.7e12},  # fp16 tensor cores (no bf16)
+    "T4": {"bf16": 65e12, "fp32": 8.1e12},  # fp16 tensor cores (no bf16)
+}
+
+
+class Throughput:
+    """Tokens per second over windows of training steps.
+
+    `start()` opens a window, `add(n)` counts tokens, `lap()` closes the window (returning
+    its rate) and opens the next. Time between a `lap()` and the next `start()` — an
+    evaluation, a checkpoint — is not counted: call `start()` after it.
+    """
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.total_tokens = 0
+        self.total_seconds = 0.0
+        self._window_tokens = 0
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        self._t0, self._window_tokens = self.clock(), 0
+
+    def add(self, tokens: int) -> None:
+        self._window_tokens += tokens
+
+    def lap(self) -> float:
+        now = self.clock()
+        elapsed = now - self._t0
+        rate = self._window_tokens / elapsed if elapsed > 0 else 0.0
+        self.total_tokens += self._window_tokens
+        self.total_seconds += elapsed
+        self._t0, self._window_tokens = now, 0
+        return rate
+
+    @property
+    def average(self) -> float:
+        """Tokens per second over every window so far."""
+        return self.total_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_device: float | None, n_devices: int = 1) -> float | None:
+    """Model FLOPs utilisation in [0, 1]: achieved FLOP/s over the peak of all devices."""
+    if not peak_flops_per_device:
+        return None
+    return tokens_per_s * flops_per_token / (peak_flops_per_device * n_devices)
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one device at this precision; None when unknown (MFU is then not shown)."""
+    kind = "fp32" if precision == "fp32" else "bf16"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return peaks[kind]
+        return None
+    if device.type == "cpu":
+        return cpu_peak_flops(torch.float32 if kind == "fp32" else torch.bfloat16)
+    return None
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "ling" / "peak_flops.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_peak_flops(dtype: torch.dtype) -> float:
+    """Matmul FLOP/s of this CPU with torch's current thread count, probed once and cached
+    (keyed by CPU, threads, dtype and torch version) in ~/.cache/ling/peak_flops.json."""
+    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    cache = _cache_file()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    if key not in known:
+        known[key] = probe_matmul_flops(dtype)
+        try:
+            with atomic_file(cache) as f:
+                json.dump(known, f, indent=2)
+        except OSError:
+            pass  # a read-only home only costs a re-probe next time
+    return float(known[key])
+
+
+def probe_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.2, rounds: int = 3,
+                       clock=time.perf_counter) -> float:
+    """Best FLOP/s of n×n matmuls over a few short rounds (the best filters out noise)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(rounds):
+        count, t0 = 0, clock()
+        while (elapsed := clock() - t0) < seconds:
+            a @ b
+            count += 1
+        best = max(best, 2 * n**3 * count / elapsed)
+    return best

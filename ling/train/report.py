@@ -1,0 +1,97 @@
+"""What a run leaves to read: `metrics.jsonl`, TensorBoard events, and `report.png`.
+
+`metrics.jsonl` has one JSON object per line: `{"kind": "train", "step", "loss", "lr",
+"tokens", "tokens_per_s", "mfu", ...}` every log step and `{"kind": "eval", "step",
+"val_loss", ...}` every evaluation. On resume, lines after the checkpoint's step (written
+by the run that was interrupted) are dropped, so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ling.atomic import atomic_file
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl (and TensorBoard if installed); draws report.png."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.report_path = Path(run_dir) / "report.png"
+        self.enabled = enabled
+        self.records: list[dict] = []
+        self._tb = _tensorboard_writer(Path(run_dir) / "tensorboard") if enabled else None
+
+    def resume_at(self, step: int) -> None:
+        """Keep the records up to `step` (those the checkpoint being resumed has seen)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(record)
+        with atomic_file(self.path) as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.records = kept
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            prefix = record.get("kind", "train")
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+            self._tb.flush()
+
+    def plot(self) -> None:
+        """report.png: train/val loss, throughput and learning rate against the step."""
+        if not self.enabled:
+            return
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        train = [r for r in self.records if r.get("kind") == "train"]
+        evals = [r for r in self.records if r.get("kind") == "eval" and r.get("val_loss") is not None]
+        fig = Figure(figsize=(12, 3.6), layout="constrained")
+        loss_ax, speed_ax, lr_ax = fig.subplots(1, 3)
+        loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
+        loss_ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val", ms=3)
+        if evals:
+            best = min(evals, key=lambda r: r["val_loss"])
+            loss_ax.set_title(f"loss (best val {best['val_loss']:.4f} at step {best['step']})")
+        else:
+            loss_ax.set_title("loss")
+        loss_ax.legend()
+        speed_ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], lw=1)
+        speed_ax.set_title("throughput (tokens/s)")
+        speed_ax.set_ylim(bottom=0)
+        lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], lw=1)
+        lr_ax.set_title("learning rate")
+        for ax in (loss_ax, speed_ax, lr_ax):
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        with atomic_file(self.report_path, "wb") as f:
+            FigureCanvasAgg(fig).print_png(f)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _tensorboard_writer(log_dir: Path):
+    """A SummaryWriter when `tensorboard` is installed, else None (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(log_dir))

@@ -1,0 +1,342 @@
+"""The training loop: one loop for pretraining and every fine-tuning method.
+
+A method decides three things and hands them to `Trainer`:
+- which parameters train: those with `requires_grad` (the optimizer gets only them);
+- how a batch is built: a `BatchSource` yielding `ling.data.batch.Batch` micro-batches;
+- which positions count in the loss: the batch's labels (`IGNORE_INDEX` elsewhere), and
+  if needed a `loss_fn` (e.g. a classification head) and how weights are saved/loaded.
+
+Everything else — mixed precision, gradient accumulation, DDP, clipping, schedules,
+evaluation, checkpoints with exact resume, Ctrl-C, metrics and the progress bar — is here
+once. The loss of a step is the mean over every counted position of the global batch
+(all micro-batches of all processes), so accumulation and world size do not change it.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from ling.atomic import atomic_file
+from ling.checkpoint import save_model_dir
+from ling.data.batch import IGNORE_INDEX, Batch
+from ling.dataclass_io import to_dict
+from ling.errors import LingError
+from ling.model import autocast_context
+from ling.train import distributed
+from ling.train.allocator import reuse_freed_memory
+from ling.train.checkpointing import (RunDir, load_model_weights, read_train_state, rng_state, seed_everything,
+                                      set_rng_state)
+from ling.train.config import TrainConfig
+from ling.train.distributed import Dist
+from ling.train.metrics import Throughput, mfu, peak_flops
+from ling.train.optim import LRSchedule, build_optimizer
+from ling.train.report import MetricsLog
+
+
+class BatchSource(Protocol):
+    """Where training batches come from; its state is saved for exact resume."""
+
+    def next_step(self) -> list[Batch]:
+        """This process's micro-batches for the next optimizer step."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed next-token cross-entropy over the positions whose label counts."""
+    logits = model(batch.tokens, batch.positions, batch.mask)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    """mean loss over every counted position of the global batch (a device tensor: .item() syncs)"""
+    grad_norm: float | None
+    """global gradient norm before clipping (None without clipping)"""
+    lr: float
+    tokens: int
+    """tokens in the global batch (all processes)"""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens_seen: int
+    final_val_loss: float | None
+    best_val_loss: float | None
+    tokens_per_s: float
+    """average over the training time of this process's session (evaluation excluded)"""
+    mfu: float | None
+    seconds: float
+    checkpoint: Path | None
+    """the newest checkpoint"""
+    interrupted: bool = False
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, batches: BatchSource, val_batches: list[Batch],
+                 run_dir: str | Path, *, device: torch.device, precision: str, tokenizer=None,
+                 dist: Dist = Dist(), flops_per_token: float,
+                 loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_loss,
+                 save_weights: Callable = save_model_dir, load_weights: Callable = load_model_weights,
+                 config: dict | None = None, resume_hint: str = "--resume auto",
+                 sample_prompt: list[int] | None = None, on_eval: Callable[[int], dict] | None = None):
+        self.cfg, self.batches, self.val_batches = cfg, batches, val_batches
+        self.device, self.precision, self.tokenizer, self.dist = device, precision, tokenizer, dist
+        self.flops_per_token = flops_per_token
+        self.loss_fn, self.save_weights, self.load_weights = loss_fn, save_weights, load_weights
+        self.config, self.resume_hint, self.sample_prompt = config, resume_hint, sample_prompt
+        self.on_eval = on_eval
+        """called on the main process after each evaluation with the step; the metrics it returns
+        join that evaluation's metrics.jsonl line (e.g. a fine-tuning run's accuracy)"""
+        if device.type == "cpu":
+            reuse_freed_memory()
+        self.run = RunDir(run_dir)
+        self.model = model  # bare: what is saved, loaded and sampled from
+        model.to(device)
+        for module in model.modules():  # the Transformer, also inside a fine-tuning wrapper
+            if hasattr(module, "activation_checkpointing"):
+                module.activation_checkpointing = cfg.activation_checkpointing
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise LingError("no parameter has requires_grad: nothing to train")
+        self.optimizer = build_optimizer(model, cfg, device.type)
+        self.schedule = LRSchedule.from_config(cfg)
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.eval_model = torch.compile(model) if cfg.compile else model
+        self.train_model = distributed.wrap(self.eval_model, dist, device)
+        self.metrics = MetricsLog(run_dir, enabled=dist.is_main)
+        self.peak = peak_flops(device, precision)
+        self.step, self.tokens_seen = 0, 0
+        self.best_val_loss: float | None = None
+        self.last_val_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+        self._stop_signal: str | None = None
+
+    # ---- the loop ---------------------------------------------------------------------
+    def fit(self, resume: str | None = None) -> TrainResult:
+        cfg = self.cfg
+        self._start(resume)
+        meter = Throughput()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.dist.is_main, dynamic_ncols=True)
+        t_start = time.perf_counter()
+        handlers = self._catch_signals()
+        try:
+            meter.start()
+            while self.step < cfg.max_steps:
+                result = self.train_step()
+                meter.add(result.tokens)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    loss = result.loss.item()  # waits for the device, so the window's time is right
+                    rate = meter.lap()
+                    util = mfu(rate, self.flops_per_token, self.peak, self.dist.world_size)
+                    self.metrics.write({"kind": "train", "step": self.step, "loss": loss, "lr": result.lr,
+                                        "grad_norm": result.grad_norm, "tokens": self.tokens_seen,
+                                        "tokens_per_s": rate, "mfu": util})
+                    bar.set_postfix_str(f"loss {loss:.4f} · lr {result.lr:.2e} · {rate:,.0f} tok/s"
+                                        + (f" · MFU {util:.1%}" if util is not None else ""))
+                time_up = cfg.time_limit > 0 and time.perf_counter() - t_start >= cfg.time_limit * 60
+                stop = distributed.any_rank(self._stop_signal is not None or time_up, self.dist, self.device)
+                if stop or self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    meter.lap()
+                    self._evaluate_and_save(bar)
+                    meter.start()
+                if stop:
+                    break
+        finally:
+            self._restore_signals(handlers)
+            bar.close()
+            self.metrics.close()
+        interrupted = self._stop_signal is not None and self.step < cfg.max_steps
+        if interrupted and self.dist.is_main:
+            print(f"\ninterrupted ({self._stop_signal}) at step {self.step}: checkpoint saved to "
+                  f"{self.last_checkpoint}\nresume with: {self.resume_hint}", file=sys.stderr)
+        return TrainResult(
+            step=self.step, tokens_seen=self.tokens_seen, final_val_loss=self.last_val_loss,
+            best_val_loss=self.best_val_loss, tokens_per_s=meter.average,
+            mfu=mfu(meter.average, self.flops_per_token, self.peak, self.dist.world_size),
+            seconds=time.perf_counter() - t_start, checkpoint=self.last_checkpoint, interrupted=interrupted,
+        )
+
+    def train_step(self) -> "StepResult":
+        """One optimizer step over this process's micro-batches."""
+        lr = self.schedule.set(self.optimizer, self.step)
+        micro = self.batches.next_step()
+        counts = torch.tensor([float(sum(b.num_targets for b in micro)), float(sum(b.num_tokens for b in micro))],
+                              device=self.device)
+        n_targets, n_tokens = distributed.all_reduce_sum(counts, self.dist)
+        # DDP averages gradients over processes; scale so the result is the global mean.
+        scale = self.dist.world_size / n_targets
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+            with sync:
+                with autocast_context(self.device.type, self.precision):
+                    loss = self.loss_fn(self.train_model, batch.to(self.device))
+                scaled = loss * scale
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach()
+        grad_norm = None
+        if self.cfg.grad_clip > 0:
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += int(n_tokens)
+        mean_loss = distributed.all_reduce_sum(loss_sum, self.dist) / n_targets
+        return StepResult(loss=mean_loss, grad_norm=grad_norm, lr=lr, tokens=int(n_tokens))
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the fixed validation batches (all processes together); None without any."""
+        self.eval_model.eval()
+        totals = torch.zeros(2, device=self.device)
+        for batch in self.val_batches:
+            with autocast_context(self.device.type, self.precision):
+                totals[0] += self.loss_fn(self.eval_model, batch.to(self.device)).float()
+            totals[1] += batch.num_targets
+        self.eval_model.train()
+        totals = distributed.all_reduce_sum(totals, self.dist)
+        return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
+    def _evaluate_and_save(self, bar) -> None:
+        val_loss = self.evaluate()
+        is_best = val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss)
+        if is_best:
+            self.best_val_loss = val_loss
+        self.last_val_loss = val_loss
+        record = {"kind": "eval", "step": self.step, "val_loss": val_loss, "tokens": self.tokens_seen}
+        if self.cfg.sample_tokens > 0 and self.sample_prompt and self.tokenizer is not None and self.dist.is_main:
+            record["sample"] = self.sample()
+        extra = self.on_eval(self.step) if self.on_eval is not None and self.dist.is_main else {}
+        record.update(extra)
+        self.metrics.write(record)
+        if self.dist.is_main:
+            shown = "".join(f" · {k} {v:.4g}" if isinstance(v, float) else f" · {k} {v}" for k, v in extra.items())
+            if val_loss is not None or shown:
+                bar.write(f"step {self.step}:" + (f" val loss {val_loss:.4f}" if val_loss is not None else "")
+                          + (" (best)" if is_best else "") + shown)
+            if "sample" in record:
+                bar.write(f"sample: {record['sample']!r}")
+        self.save_checkpoint(is_best)
+        self.metrics.plot()
+
+    def sample(self) -> str:
+        """A short text sample from the model (its own RNG: training randomness is untouched)."""
+        from ling.infer.generate import generate_tokens
+
+        ids = list(generate_tokens(self.model, self.sample_prompt, self.cfg.sample_tokens, temperature=0.8,
+                                   top_k=50, seed=self.cfg.seed))
+        return self.tokenizer.decode(self.sample_prompt + ids)
+
+    # ---- checkpoints and resume ---------------------------------------------------------
+    def save_checkpoint(self, is_best: bool = False) -> None:
+        """Save everything exact resume needs (a collective: every process calls it)."""
+        rng = distributed.gather_objects(rng_state(), self.dist)
+        if self.dist.is_main:
+            state = {
+                "step": self.step, "tokens_seen": self.tokens_seen,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": {"step": self.step, **to_dict(self.schedule)},
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "sampler": self.batches.state_dict(),
+                "rng": rng, "world_size": self.dist.world_size,
+                "best_val_loss": self.best_val_loss, "last_val_loss": self.last_val_loss,
+                "train_config": to_dict(self.cfg),
+            }
+            self.last_checkpoint = self.run.save(
+                self.step, lambda d: self.save_weights(self.model, self.tokenizer, d), state,
+                keep_last=self.cfg.keep_last, is_best=is_best,
+            )
+        distributed.barrier(self.dist)
+
+    def _start(self, resume: str | None) -> None:
+        """Resume from a checkpoint, or check the run dir is free and start fresh."""
+        if self.dist.is_main:
+            self.run.root.mkdir(parents=True, exist_ok=True)
+            self.run.clean_temporaries()
+        distributed.barrier(self.dist)
+        found = None
+        if resume == "auto":
+            found = self.run.newest_valid()
+            if found is None and self.dist.is_main:
+                print(f"no checkpoint to resume in {self.run.root}: starting fresh", file=sys.stderr)
+        elif resume:
+            found = (Path(resume), read_train_state(Path(resume)))
+        elif self.run.step_dirs():
+            raise LingError(f"{self.run.root} already holds checkpoints: add --resume auto to continue that run, "
+                            "or choose a new --out")
+        if self.dist.is_main and self.config is not None:
+            with atomic_file(self.run.root / "config.yaml") as f:
+                yaml.safe_dump(self.config, f, sort_keys=False, allow_unicode=True)
+        if found is None:
+            seed_everything(self.cfg.seed + self.dist.rank)
+            return
+        path, state = found
+        self.load_weights(self.model, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["sampler"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.best_val_loss, self.last_val_loss = state["best_val_loss"], state["last_val_loss"]
+        self.last_checkpoint = path
+        if state["world_size"] == self.dist.world_size:
+            set_rng_state(state["rng"][self.dist.rank])
+        else:
+            if self.dist.is_main:
+                print(f"warning: the checkpoint was written by {state['world_size']} process(es), this run has "
+                      f"{self.dist.world_size}: random streams are re-seeded", file=sys.stderr)
+            seed_everything(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
+        changed = [k for k, v in to_dict(self.cfg).items() if state["train_config"].get(k) != v]
+        if changed and self.dist.is_main:
+            print(f"note: resuming with changed train settings: {', '.join(changed)}", file=sys.stderr)
+        self.metrics.resume_at(self.step)
+        if self.dist.is_main:
+            print(f"resumed from {path} (step {self.step}, {self.tokens_seen:,} tokens seen)", file=sys.stderr)
+
+    # ---- Ctrl-C -------------------------------------------------------------------------
+    def _catch_signals(self) -> dict:
+        """First SIGINT/SIGTERM: finish the step, save, stop. A second SIGINT aborts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+            if self.dist.is_main:
+                tqdm.write(f"{self._stop_signal}: finishing this step and saving a checkpoint "
+                           "(Ctrl-C again to abort without saving)", file=sys.stderr)
+
+        return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_signals(handlers: dict) -> None:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
