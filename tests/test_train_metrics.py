@@ -56,6 +56,18 @@ def test_cpu_peak_is_probed_once_then_read_from_the_cache(tmp_path, monkeypatch)
     assert sorted(cached.values()) == [5e11, 5e11]
 
 
+def test_a_refresh_reprobes_and_keeps_the_higher_peak(tmp_path, monkeypatch):
+    # a probe taken while the cores were busy reads low; the trainer refreshes it when MFU > 100 %
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    probes = iter([1e9, 5e11, 2e11])
+    monkeypatch.setattr(metrics, "probe_matmul_flops", lambda dtype: next(probes))
+    cpu = torch.device("cpu")
+    assert metrics.peak_flops(cpu, "bf16") == 1e9
+    assert metrics.peak_flops(cpu, "bf16", refresh=True) == 5e11
+    assert metrics.peak_flops(cpu, "bf16", refresh=True) == 5e11  # a lower probe never replaces it
+    assert metrics.peak_flops(cpu, "bf16") == 5e11
+
+
 def test_probe_measures_a_positive_rate():
     assert metrics.probe_matmul_flops(torch.float32, n=64, seconds=0.01, rounds=1) > 0
 

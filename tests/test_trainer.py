@@ -189,3 +189,20 @@ def test_compiled_training_evaluates_samples_and_saves_plain_names(tmp_path, cap
     assert result.final_val_loss is not None and "sample:" in capsys.readouterr().out
     with safe_open(tmp_path / "run" / "latest" / "model.safetensors", "pt") as f:
         assert not any(n.startswith("_orig_mod.") for n in f.keys())
+
+
+def test_a_cpu_peak_that_reads_too_low_is_reprobed_once_so_mfu_stays_a_fraction(tmp_path, monkeypatch):
+    # a peak cached while the cores were busy would show an MFU above 100 % for ever
+    asked = []
+
+    def fake_peak(device, precision, refresh=False):
+        asked.append(refresh)
+        return 1e15 if refresh else 1.0
+
+    monkeypatch.setattr("ling.train.trainer.peak_flops", fake_peak)
+    trainer = make_trainer(tmp_path)
+    trainer.fit()
+    train_lines = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                   if r["kind"] == "train"]
+    assert asked == [False, True]
+    assert len(train_lines) == 4 and all(0 < r["mfu"] < 1 for r in train_lines)

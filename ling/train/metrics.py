@@ -81,8 +81,9 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_device: floa
     return tokens_per_s * flops_per_token / (peak_flops_per_device * n_devices)
 
 
-def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Peak FLOP/s of one device at this precision; None when unknown (MFU is then not shown)."""
+def peak_flops(device: torch.device, precision: str, refresh: bool = False) -> float | None:
+    """Peak FLOP/s of one device at this precision; None when unknown (MFU is then not shown).
+    `refresh` re-probes a CPU (see `cpu_peak_flops`)."""
     kind = "fp32" if precision == "fp32" else "bf16"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -91,7 +92,7 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
                 return peaks[kind]
         return None
     if device.type == "cpu":
-        return cpu_peak_flops(torch.float32 if kind == "fp32" else torch.bfloat16)
+        return cpu_peak_flops(torch.float32 if kind == "fp32" else torch.bfloat16, refresh)
     return None
 
 
@@ -110,17 +111,21 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_peak_flops(dtype: torch.dtype) -> float:
+def cpu_peak_flops(dtype: torch.dtype, refresh: bool = False) -> float:
     """Matmul FLOP/s of this CPU with torch's current thread count, probed once and cached
-    (keyed by CPU, threads, dtype and torch version) in ~/.cache/ling/peak_flops.json."""
+    (keyed by CPU, threads, dtype and torch version) in ~/.cache/ling/peak_flops.json.
+
+    A probe taken while other work shared the cores reads low; `refresh` probes again and
+    keeps the higher of the two (the trainer asks for it when an MFU above 100 % shows the
+    cached peak is too low)."""
     key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
     cache = _cache_file()
     try:
         known = json.loads(cache.read_text())
     except (OSError, json.JSONDecodeError):
         known = {}
-    if key not in known:
-        known[key] = probe_matmul_flops(dtype)
+    if key not in known or refresh:
+        known[key] = max(probe_matmul_flops(dtype), float(known.get(key, 0.0)))
         try:
             with atomic_file(cache) as f:
                 json.dump(known, f, indent=2)

@@ -137,6 +137,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.dist.is_main, dynamic_ncols=True)
         t_start = time.perf_counter()
+        peak_refreshed = False  # a cached CPU peak probed under load reads low: re-probed once
         handlers = self._catch_signals()
         try:
             meter.start()
@@ -148,6 +149,9 @@ class Trainer:
                     loss = result.loss.item()  # waits for the device, so the window's time is right
                     rate = meter.lap()
                     util = mfu(rate, self.flops_per_token, self.peak, self.dist.world_size)
+                    if util is not None and util > 1 and self.device.type == "cpu" and not peak_refreshed:
+                        self.peak, peak_refreshed = peak_flops(self.device, self.precision, refresh=True), True
+                        util = mfu(rate, self.flops_per_token, self.peak, self.dist.world_size)
                     self.metrics.write({"kind": "train", "step": self.step, "loss": loss, "lr": result.lr,
                                         "grad_norm": result.grad_norm, "tokens": self.tokens_seen,
                                         "tokens_per_s": rate, "mfu": util})
