@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 from ling.dataclass_io import closest, from_dict, to_dict
-from ling.errors import LingError
+from ling.errors import LingError, read_json
 
 
 @dataclass
@@ -133,14 +133,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LingError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise LingError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(read_json(path), where=str(path))
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":

@@ -8,3 +8,19 @@ instead of a traceback.
 
 class LingError(Exception):
     """A user-facing error: the message says what was wrong, where, and what to do."""
+
+
+def read_json(path) -> object:
+    """A JSON file's content; a missing file or bad JSON is a LingError naming path:line."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LingError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise LingError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise LingError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ling.chat_template import render_chat
-from ling.errors import LingError
+from ling.errors import LingError, read_json
 
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD]
@@ -112,10 +112,7 @@ class Tokenizer:
         config_file = file.parent / "tokenizer_config.json"
         config = {}
         if config_file.exists():
-            try:
-                config = json.loads(config_file.read_text())
-            except json.JSONDecodeError as e:
-                raise LingError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+            config = read_json(config_file)
         template_file = file.parent / "chat_template.jinja"
         if template_file.exists():
             config["chat_template"] = template_file.read_text()

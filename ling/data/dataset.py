@@ -7,13 +7,12 @@ one. Opening checks what a trainer would otherwise trip over much later: a missi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ling.errors import LingError
+from ling.errors import LingError, read_json
 from ling.tokenizer import Tokenizer
 
 DTYPES = ("uint16", "uint32")
@@ -39,10 +38,7 @@ def open_dataset(path: str | Path) -> TokenDataset:
     meta_file = path / "meta.json"
     if not meta_file.exists():
         raise LingError(f"{path}: not a dataset directory (no meta.json); create one with 'ling prepare'")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise LingError(f"{meta_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    meta = read_json(meta_file)
     missing = [k for k in ("dtype", "tokens", "tokenizer_hash", "vocab_size", "special_ids") if k not in meta]
     if missing:
         raise LingError(f"{meta_file}: missing {', '.join(missing)}; prepare the dataset again with 'ling prepare'")

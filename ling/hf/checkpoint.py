@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ling.checkpoint import SafetensorsFiles, load_tensors, resolve_dtype
 from ling.config import ModelConfig
-from ling.errors import LingError
+from ling.errors import LingError, read_json
 from ling.hf import gpt2, llama, mistral, qwen2, qwen3
 from ling.hf.family import Family, parameter_shapes
 from ling.model import Transformer, build_model
@@ -38,10 +38,7 @@ def read_hf_config(path: Path) -> tuple[Family, ModelConfig]:
     config_file = path / "config.json"
     if not config_file.exists():
         raise LingError(f"{path}: missing config.json — is this a Hugging Face model directory?")
-    try:
-        data = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise LingError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    data = read_json(config_file)
     architectures = data.get("architectures") or []
     family = next((f for f in FAMILIES if f.architecture in architectures), None)
     if family is None:

@@ -6,7 +6,6 @@ error (bad input, unsupported option, full disk) leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import tyro
 
 from ling.atomic import atomic_dir
 from ling.checkpoint import load_checkpoint, save_model_dir
-from ling.errors import LingError
+from ling.errors import LingError, read_json
 from ling.hf.checkpoint import DEFAULT_MAX_SHARD_SIZE, load_hf_checkpoint, save_hf_dir
 
 GENERATION_CONFIG = "generation_config.json"
@@ -95,12 +94,7 @@ def to_hf(args: ToHFArgs) -> None:
     out = _check_out_dir(args.out_dir, args.overwrite)
     model, tokenizer = load_checkpoint(args.ckpt_dir, dtype=args.dtype)
     generation_file = Path(args.ckpt_dir) / GENERATION_CONFIG
-    generation = None
-    if generation_file.exists():
-        try:
-            generation = json.loads(generation_file.read_text())
-        except json.JSONDecodeError as e:
-            raise LingError(f"{generation_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    generation = read_json(generation_file) if generation_file.exists() else None
     with atomic_dir(out, overwrite=args.overwrite) as tmp:
         family = save_hf_dir(model, tokenizer, tmp, max_shard_size=args.max_shard_size, generation_config=generation)
         shards = len(list(tmp.glob("*.safetensors")))
