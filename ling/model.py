@@ -344,6 +344,14 @@ class Transformer(nn.Module):
             self.rope_cos, self.rope_sin = cos, sin
 
     # ---- sizes --------------------------------------------------------------------------
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout of a built model: fine-tuning on a few thousand examples often
+        wants less (or none) than pretraining did. The config is shared by every layer."""
+        self.cfg.dropout = p
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+
     def num_params(self) -> int:
         """Parameters actually held (a tied head counts once)."""
         return sum(p.numel() for p in self.parameters())

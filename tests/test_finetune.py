@@ -142,6 +142,7 @@ def test_bad_inputs_are_one_line_errors(base, tmp_path, capsys):
         (["--base", str(base), "--data", str(good), "--method", "lora", "--lora.targets", "q,x"], r"unknown target\(s\) x"),
         (["--base", str(base), "--data", str(one_label), "--task", "classification"], "at least 2 classes"),
         (["--base", str(base), "--data", str(good), "--max-seq-len", "1"], "--max-seq-len must be at least 2"),
+        (["--base", str(base), "--data", str(good), "--dropout", "1"], r"--dropout must be in \[0, 1\), got 1.0"),
         (["--base", str(base), "--data", str(good), "--max-seq-len", "8"], "no train example has a token to learn"),
         (["--base", str(base), "--data", str(unknown_char)],
          r"unknown\.jsonl:\d: text contains characters outside this char-level vocabulary: 'é'"),
@@ -154,3 +155,23 @@ def test_bad_inputs_are_one_line_errors(base, tmp_path, capsys):
                      str(tmp_path / "skip"), "--device", "cpu", "--train.max-steps", "1", "--max-seq-len", "64",
                      "--train.batch-tokens", "512"]) == 0
     assert "1 bad records skipped" in capsys.readouterr().out
+
+
+def test_dropout_override_applies_to_every_layer_and_is_saved(tmp_path):
+    tok = Tokenizer.train_char([ALPHABET])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, context_length=64, dropout=0.5))
+    base = tmp_path / "base"
+    save_model_dir(model, tok, base)
+    tokens = torch.randint(0, tok.vocab_size, (2, 16))
+    model.train()
+    assert not torch.equal(model(tokens), model(tokens))  # dropout at 0.5 is active
+    model.set_dropout(0.0)
+    expected = model.eval()(tokens)
+    assert torch.equal(model.train()(tokens), expected)  # no dropout left anywhere, attention included
+
+    data = tmp_path / "reverse.jsonl"
+    write_jsonl(make_examples("reverse", 40), data)
+    run_finetune(_args(base, data, tmp_path / "run", dropout=0.0, train={"max_steps": 1}), show_summary=False)
+    saved, _ = load_checkpoint(tmp_path / "run" / "latest")
+    assert saved.cfg.dropout == 0.0

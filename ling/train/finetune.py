@@ -92,6 +92,8 @@ class FinetuneArgs:
     """held-out prompts answered at every evaluation, into samples.jsonl"""
     sample_tokens: int = 64
     """at most this many tokens per sample answer"""
+    dropout: Optional[float] = None
+    """the model's dropout for this run (default: the base's own; short fine-tunes often do best with 0)"""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=_finetune_train_config)
     resume: Optional[str] = None
@@ -278,6 +280,8 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True):
     """The whole command; returns (TrainResult, summary dict) for callers such as benchmarks."""
     if args.max_seq_len < 2:
         raise LingError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise LingError(f"--dropout must be in [0, 1), got {args.dropout}")
     device = pick_device(args.device)
     dist = distributed.init_distributed(device.type)
     try:
@@ -292,6 +296,8 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True):
         seq_len = min(args.max_seq_len, model.cfg.context_length)
         data = prepare_data(args, tokenizer, seq_len)
         resize_vocab(model, tokenizer.vocab_size)
+        if args.dropout is not None:
+            model.set_dropout(args.dropout)
         torch.manual_seed(args.train.seed)  # the same new weights (adapters, head) in every run and process
         if args.method == "lora":
             apply_lora(model, args.lora, data.new_token_ids)
