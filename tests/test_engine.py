@@ -201,8 +201,25 @@ def test_speculative_decoding_equals_plain_greedy(model, draft_seed):
 
 
 @pytest.mark.slow
-def test_compiled_decoding_gives_the_same_tokens(model):
+def test_compiled_decoding_gives_the_same_tokens_and_compiles_only_in_warm_up(model):
+    from torch._dynamo.utils import counters
+
     params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
     compiled = Engine(model, max_batch_size=2, compile=True)
-    assert [c.token_ids for c in compiled.generate(PROMPTS[:2], params)] == \
+    compiled.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # one row, several rows
+    eager = Engine(model, max_batch_size=2)
+    for prompts in (PROMPTS[:1], PROMPTS[:2]):
+        assert [c.token_ids for c in compiled.generate(prompts, params)] == \
+            [c.token_ids for c in eager.generate(prompts, params)]
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation after warm_up
+
+
+def test_warm_up_leaves_the_engine_idle_and_unchanged(model):
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    warmed = Engine(model, max_batch_size=2)
+    warmed.warm_up()
+    assert not warmed.has_work()
+    assert [c.token_ids for c in warmed.generate(PROMPTS[:2], params)] == \
         [c.token_ids for c in Engine(model, max_batch_size=2).generate(PROMPTS[:2], params)]

@@ -27,9 +27,10 @@ Speed on CPU comes from (1) linear weights prepacked for oneDNN (`prepack.py`), 
 fp32 KV cache, whose attention kernel is much faster than bf16's for one query per row,
 (3) reading only the cache slots in use (`KVCache.kv_len`), (4) little work per step
 besides the forward: preallocated token/position buffers updated in place, one argmax for
-a greedy batch. `torch.compile` of the decode step is available (`compile=True`) but off
-by default: on CPU it does not pay (see BENCHMARKS.md, section Inference); on GPU it is
-untested here.
+a greedy batch. `torch.compile` of the decode step (`compile=True`: inductor with frozen
+weights and its C++ wrapper) is another 15–25% on CPU, after 15–30 s of compilation, so it
+is opt-in: worth it for a server or a long batch job, not for one prompt (see BENCHMARKS.md,
+section Inference); on GPU it is untested here.
 
 Threading: `add_request` and `abort` may be called from any thread; `step` (and therefore
 `generate` / `stream`) from one thread at a time.
@@ -143,14 +144,21 @@ class Engine:
             prepack = owned and not compile and can_prepack(self.device, self.dtype)
         if prepack:
             prepack_linears(self.model)
-        self._decode_model = torch.compile(self.model, dynamic=True) if compile else self.model
+        self._decode_model = self.model
+        if compile:
+            # The engine owns the decode model and never swaps its modules, so dynamo need not
+            # re-check every parameter on each call (~0.15 ms per step of guard evaluation).
+            no_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            self._decode_model = torch.compile(self.model, dynamic=True, options=no_module_guards)
         self._compile_config = contextlib.nullcontext
         if compile and self.device.type == "cpu":
             # Freezing (weights as constants) lets inductor prepack them as `prepack` would;
-            # scoped to this engine's compilations, which happen on the first calls.
+            # the C++ wrapper calls the generated kernels without a Python line per op, which
+            # is most of a small model's decode step. Scoped to this engine's compilations,
+            # which happen on the first calls.
             from torch._inductor import config as inductor_config
 
-            self._compile_config = functools.partial(inductor_config.patch, freezing=True)
+            self._compile_config = functools.partial(inductor_config.patch, freezing=True, cpp_wrapper=True)
         with torch.inference_mode():
             cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype  # see KVCache
             self.cache = KVCache(self.cfg, max_batch_size, self.max_len, device=self.device, dtype=cache_dtype)
@@ -412,6 +420,13 @@ class Engine:
         self.sampler.clear_slot(r.slot)
         self._live[r.slot] = 0
         self._positions[r.slot] = 0
+
+    def warm_up(self) -> None:
+        """Run the decode step once for one row and once for several, so that a compiled
+        engine compiles now rather than on its first requests (one row is its own graph)."""
+        params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
+        for rows in sorted({1, min(2, self.max_batch_size)}):
+            self.generate([[0, 0]] * rows, params)
 
     # ---- whole requests -----------------------------------------------------------------------
     def stream(self, prompts: Sequence[str | Sequence[int]],
