@@ -41,7 +41,7 @@ from ling.checkpoint import load_checkpoint, save_model_dir
 from ling.config import ModelConfig
 from ling.data.sft import read_examples
 from ling.data.sft_encode import install_chatml
-from ling.data.synthetic import TASKS, held_out_split, make_examples, write_jsonl
+from ling.data.synthetic import MAX_DISTINCT, TASKS, held_out_split, make_examples, write_jsonl
 from ling.eval.exact_match import answer_all, reply_prompts
 from ling.model import autocast_context, build_model
 from ling.tokenizer import Tokenizer
@@ -121,7 +121,8 @@ def accuracy_part(work: Path, args) -> dict:
     for task in args.tasks:
         train, held_out = work / f"{task}-train.jsonl", work / f"{task}-held-out.jsonl"
         if not held_out.exists():
-            train_records, held_records = held_out_split(make_examples(task, args.n_train + args.n_held_out), args.n_held_out)
+            n = min(args.n_train + args.n_held_out, MAX_DISTINCT.get(task, 1 << 62))  # `add` has 8,100 prompts in all
+            train_records, held_records = held_out_split(make_examples(task, n), args.n_held_out)
             write_jsonl(train_records, train, "messages")
             write_jsonl(held_records, held_out, "messages")
         results[task] = {"base": base_accuracy(base, held_out)}

@@ -21,6 +21,8 @@ from ling.data.sft import alpaca_messages
 Task = Literal["reverse", "sort", "add"]
 TASKS: tuple[str, ...] = ("reverse", "sort", "add")
 INSTRUCTIONS = {"reverse": "Reverse the word.", "sort": "Sort the letters of the word.", "add": "Add the two numbers."}
+MAX_DISTINCT = {"add": 90 * 90}
+"""tasks with a finite number of distinct prompts (two 2-digit numbers: 90 × 90)"""
 
 
 def _example(task: str, rng: random.Random) -> dict:
@@ -38,9 +40,9 @@ def make_examples(task: str, n: int, seed: int = 0) -> list[dict]:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     rng = random.Random(f"{task}-{seed}")
     seen, records = set(), []
-    limit = 90 * 90 if task == "add" else None
+    limit = MAX_DISTINCT.get(task)
     if limit is not None and n > limit:
-        raise ValueError(f"task 'add' has only {limit} distinct examples; asked for {n}")
+        raise ValueError(f"task {task!r} has only {limit} distinct examples; asked for {n}")
     while len(records) < n:
         record = _example(task, rng)
         if record["input"] not in seen:

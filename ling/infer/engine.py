@@ -38,8 +38,6 @@ Threading: `add_request` and `abort` may be called from any thread; `step` (and 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import itertools
 import threading
 from collections import deque
@@ -148,17 +146,13 @@ class Engine:
         if compile:
             # The engine owns the decode model and never swaps its modules, so dynamo need not
             # re-check every parameter on each call (~0.15 ms per step of guard evaluation).
-            no_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-            self._decode_model = torch.compile(self.model, dynamic=True, options=no_module_guards)
-        self._compile_config = contextlib.nullcontext
-        if compile and self.device.type == "cpu":
-            # Freezing (weights as constants) lets inductor prepack them as `prepack` would;
-            # the C++ wrapper calls the generated kernels without a Python line per op, which
-            # is most of a small model's decode step. Scoped to this engine's compilations,
-            # which happen on the first calls.
-            from torch._inductor import config as inductor_config
-
-            self._compile_config = functools.partial(inductor_config.patch, freezing=True, cpp_wrapper=True)
+            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            if self.device.type == "cpu":
+                # Freezing (weights as constants) lets inductor prepack them as `prepack` would;
+                # the C++ wrapper calls the generated kernels without a Python line per op,
+                # which is most of a small model's decode step.
+                options |= {"freezing": True, "cpp_wrapper": True}
+            self._decode_model = torch.compile(self.model, dynamic=True, options=options)
         with torch.inference_mode():
             cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype  # see KVCache
             self.cache = KVCache(self.cfg, max_batch_size, self.max_len, device=self.device, dtype=cache_dtype)
@@ -337,8 +331,7 @@ class Engine:
         """One token for every running request: rows 0..hi of the cache in one forward."""
         hi = max(r.slot for r in running) + 1
         self.cache.kv_len = max(r.position for r in running) + 1
-        with self._compile_config():
-            logits = self._decode_model(self._tokens[:hi], self._positions[:hi], cache=self.cache)[:, -1]
+        logits = self._decode_model(self._tokens[:hi], self._positions[:hi], cache=self.cache)[:, -1]
         next_ids, records = self.sampler.sample(logits, 0)
         self.sampler.observe(0, next_ids)
         self._tokens[:hi, 0] = next_ids
