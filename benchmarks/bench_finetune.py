@@ -1,6 +1,6 @@
 """Does fine-tuning teach? Full vs LoRA on synthetic tasks, and LoRA's memory on a 110M base.
 
-    PYTHONPATH=$PWD python benchmarks/bench_finetune.py                  # everything (~20 min on 2 quiet cores)
+    PYTHONPATH=$PWD python benchmarks/bench_finetune.py                  # add and reverse, memory (~35 min on 2 quiet cores)
     PYTHONPATH=$PWD python benchmarks/bench_finetune.py --tasks sort --steps 1500 --skip-memory
     PYTHONPATH=$PWD python benchmarks/bench_finetune.py --skip-memory    # only the accuracy part
     PYTHONPATH=$PWD python benchmarks/bench_finetune.py --only-memory
@@ -227,7 +227,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/ling-bench-finetune")
     parser.add_argument("--results", default=None, help="JSON results file (default: WORKDIR/results.json)")
-    parser.add_argument("--tasks", default="reverse", help=f"some of {','.join(TASKS)}")
+    parser.add_argument("--tasks", default="add,reverse", help=f"some of {','.join(TASKS)}")
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=3000, help="fine-tuning steps per run")
     parser.add_argument("--n-train", type=int, default=40000)
