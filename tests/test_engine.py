@@ -1,5 +1,7 @@
 """The inference engine: batching, continuous batching, seeds, stops, streaming, context, speculation."""
 
+import copy
+
 import pytest
 import torch
 
@@ -214,6 +216,10 @@ def test_compiled_decoding_gives_the_same_tokens_and_compiles_only_in_warm_up(mo
         assert [c.token_ids for c in compiled.generate(prompts, params)] == \
             [c.token_ids for c in eager.generate(prompts, params)]
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation after warm_up
+    # Another engine in the same process, on the model in another dtype, gets its own graph.
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert [c.token_ids for c in Engine(bf16, max_batch_size=2, compile=True).generate(PROMPTS[:2], params)] == \
+        [c.token_ids for c in Engine(bf16, max_batch_size=2).generate(PROMPTS[:2], params)]
 
 
 def test_warm_up_leaves_the_engine_idle_and_unchanged(model):
