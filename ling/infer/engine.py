@@ -38,6 +38,8 @@ Threading: `add_request` and `abort` may be called from any thread; `step` (and 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import threading
 from collections import deque
@@ -144,13 +146,17 @@ class Engine:
             prepack_linears(self.model)
         self._decode_model = self.model
         if compile:
-            options = {"guard_filter_fn": _skip_module_structure_guards}
-            if self.device.type == "cpu":
-                # Freezing (weights as constants) lets inductor prepack them as `prepack` would;
-                # the C++ wrapper calls the generated kernels without a Python line per op,
-                # which is most of a small model's decode step.
-                options |= {"freezing": True, "cpp_wrapper": True}
-            self._decode_model = torch.compile(self.model, dynamic=True, options=options)
+            self._decode_model = torch.compile(self.model, dynamic=True)
+        self._compile_config = contextlib.nullcontext
+        if compile and self.device.type == "cpu":
+            # Freezing (weights as constants) lets inductor prepack them as `prepack` would;
+            # the C++ wrapper calls the generated kernels without a Python line per op, which
+            # is most of a small model's decode step. Both must be set while inductor compiles,
+            # which happens inside the first calls: a config patch around each call (~15 µs;
+            # as torch.compile `options` the freezing does not take effect).
+            from torch._inductor import config as inductor_config
+
+            self._compile_config = functools.partial(inductor_config.patch, freezing=True, cpp_wrapper=True)
         with torch.inference_mode():
             cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype  # see KVCache
             self.cache = KVCache(self.cfg, max_batch_size, self.max_len, device=self.device, dtype=cache_dtype)
@@ -329,7 +335,8 @@ class Engine:
         """One token for every running request: rows 0..hi of the cache in one forward."""
         hi = max(r.slot for r in running) + 1
         self.cache.kv_len = max(r.position for r in running) + 1
-        logits = self._decode_model(self._tokens[:hi], self._positions[:hi], cache=self.cache)[:, -1]
+        with self._compile_config():
+            logits = self._decode_model(self._tokens[:hi], self._positions[:hi], cache=self.cache)[:, -1]
         next_ids, records = self.sampler.sample(logits, 0)
         self.sampler.observe(0, next_ids)
         self._tokens[:hi, 0] = next_ids
@@ -450,16 +457,6 @@ class Engine:
         for i, delta in self.stream(prompts, params):
             parts[i].append(delta)
         return [Completion.from_deltas(deltas, len(prompt)) for deltas, prompt in zip(parts, prompts)]
-
-
-def _skip_module_structure_guards(entries) -> list[bool]:
-    """Guard filter for the compiled decode step. The engine owns its model and never adds
-    hooks or swaps modules, so dynamo need not re-check the modules' structure (hook dicts,
-    types, attribute presence: most of the several hundred checks per call, ~0.1 ms of a
-    small model's step). Guards on the modules' tensors (dtype, shape) and constants (eps,
-    ...) stay, so a model of another dtype or shape in the same process gets its own graph."""
-    kept = ("TENSOR_MATCH", "CONSTANT_MATCH", "EQUALS_MATCH")
-    return [not entry.name.startswith("self") or entry.guard_type in kept for entry in entries]
 
 
 def _prefill_groups(requests: list[_Request]) -> list[list[_Request]]:
