@@ -226,6 +226,28 @@ def _attend(q, k, v, mask, dropout: float) -> torch.Tensor:
     return torch.bmm(F.dropout(probs, dropout) if dropout > 0 else probs, v)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh-approximated GELU.
+
+    When training on CPU, ATen's `tanh` is the slow part of it (a GELU forward and backward
+    took ~10% of a 6 × 384 model's bf16 step). The same function written with a sigmoid —
+    0.5·(1 + tanh z) = sigmoid(2z) — and compiled by inductor into one fused loop for the
+    forward and one for the backward runs ~2× faster (computed in fp32, rounded once).
+    Without gradients (inference) ATen's kernel stays: the tensors are small there and a
+    compiled call costs more than it saves."""
+    if x.requires_grad and x.device.type == "cpu":
+        return _gelu_tanh_fused(x)
+    return F.gelu(x, approximate="tanh")
+
+
+_GELU_K = math.sqrt(8 / math.pi)  # 2·√(2/π): sigmoid(2z) with z = √(2/π)·(x + 0.044715·x³)
+
+
+@torch.compile(dynamic=True)
+def _gelu_tanh_fused(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x * (_GELU_K + _GELU_K * 0.044715 * x * x))
+
+
 class MLP(nn.Module):
     """GPT-2 MLP (up → GELU-tanh → down) or Llama SwiGLU (silu(gate) * up → down)."""
 
@@ -241,7 +263,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.swiglu:
             return self.down(F.silu(self.gate(x)) * self.up(x))
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+        return self.down(gelu_tanh(self.up(x)))
 
 
 class Block(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ling.config import PRESETS, ModelConfig, RopeScaling
-from ling.model import KVCache, block_causal_mask, build_model
+from ling.model import KVCache, block_causal_mask, build_model, gelu_tanh
 
 VARIANTS = {
     "gpt2-like": ModelConfig(vocab_size=61, context_length=32, n_layer=2, n_embd=32, n_head=4, bias="all"),
@@ -158,3 +158,17 @@ def test_activation_checkpointing_gives_identical_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_fused_training_gelu_equals_atens_tanh_gelu_in_value_and_gradient(dtype, tol):
+    x = torch.linspace(-6, 6, 1001, dtype=dtype)
+    fused = x.clone().requires_grad_()  # with a gradient on CPU: the compiled sigmoid form
+    reference = x.clone().requires_grad_()
+    y = gelu_tanh(fused)
+    y_ref = torch.nn.functional.gelu(reference, approximate="tanh")
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    y.backward(torch.ones_like(y))
+    y_ref.backward(torch.ones_like(y_ref))
+    torch.testing.assert_close(fused.grad, reference.grad, atol=tol, rtol=tol)
+    assert torch.equal(gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"))  # no grad: ATen's kernel
