@@ -1,5 +1,6 @@
 """The trainer core: what a step computes, checkpoints, and resume bookkeeping."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -182,8 +183,18 @@ def test_activation_checkpointing_recomputes_to_the_same_result(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_evaluates_samples_and_saves_plain_names(tmp_path, capsys):
-    trainer = make_trainer(tmp_path, compile=True, max_steps=1, sample_tokens=5)
+def test_compiled_training_matches_eager_evaluates_samples_and_saves_plain_names(tmp_path, capsys):
+    # A GPT-2 MLP, whose GELU is itself compiled when training: compiled within compiled.
+    gpt2_like = dataclasses.replace(CFG, mlp="gelu", position="learned", norm="layernorm")
+
+    def trainer_for(path, **train):
+        torch.manual_seed(0)
+        return make_trainer(path, model=build_model(gpt2_like), **train)
+
+    eager = trainer_for(tmp_path / "eager").train_step()
+    compiled = trainer_for(tmp_path / "compiled", compile=True).train_step()
+    assert float(compiled.loss) == pytest.approx(float(eager.loss), rel=1e-5)
+    trainer = trainer_for(tmp_path, compile=True, max_steps=1, sample_tokens=5)
     trainer.sample_prompt = [1, 2]
     result = trainer.fit()
     assert result.final_val_loss is not None and "sample:" in capsys.readouterr().out
