@@ -85,3 +85,17 @@ def test_a_port_in_use_is_a_one_line_error(ckpt, capsys):
         port = taken.getsockname()[1]
         assert cli.main(["serve", str(ckpt), "--port", str(port)]) == 1
     assert capsys.readouterr().err.startswith(f"error: cannot listen on 127.0.0.1:{port} (Address already in use)")
+
+
+def test_compile_flag_compiles_the_decode_step_before_serving(ckpt, monkeypatch, capsys):
+    from ling.infer import Engine
+    from ling.serve.server import ServeArgs, build_state
+
+    warmed = []
+    monkeypatch.setattr(Engine, "warm_up", lambda self: warmed.append(self))  # the compilation itself: test_engine
+    state = build_state(ServeArgs(ckpt=str(ckpt), compile=True))
+    engine = state.scheduler.engine
+    assert warmed == [engine] and engine._decode_model is not engine.model  # the torch.compile wrapper
+    assert "compiling the decode step" in capsys.readouterr().out
+    plain = build_state(ServeArgs(ckpt=str(ckpt))).scheduler.engine
+    assert plain._decode_model is plain.model and warmed == [engine]
