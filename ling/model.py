@@ -20,6 +20,7 @@ Positions and masks. `forward(tokens, positions=None, mask=None, cache=None)`:
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import nullcontext
 
@@ -235,17 +236,25 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     forward and one for the backward runs ~2× faster (computed in fp32, rounded once).
     Without gradients (inference) ATen's kernel stays: the tensors are small there and a
     compiled call costs more than it saves."""
+    if torch.compiler.is_compiling():  # inside a compiled model, inductor fuses it anyway
+        return _gelu_tanh_as_sigmoid(x)
     if x.requires_grad and x.device.type == "cpu":
-        return _gelu_tanh_fused(x)
+        return _compiled_gelu()(x)
     return F.gelu(x, approximate="tanh")
 
 
 _GELU_K = math.sqrt(8 / math.pi)  # 2·√(2/π): sigmoid(2z) with z = √(2/π)·(x + 0.044715·x³)
 
 
-@torch.compile(dynamic=True)
-def _gelu_tanh_fused(x: torch.Tensor) -> torch.Tensor:
+def _gelu_tanh_as_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x * (_GELU_K + _GELU_K * 0.044715 * x * x))
+
+
+@functools.cache
+def _compiled_gelu():
+    """Compiled on first use: importing torch's compiler takes ~1.5 s, which commands that
+    never train should not pay."""
+    return torch.compile(_gelu_tanh_as_sigmoid, dynamic=True)
 
 
 class MLP(nn.Module):

@@ -144,9 +144,7 @@ class Engine:
             prepack = owned and not compile and can_prepack(self.device, self.dtype)
         if prepack:
             prepack_linears(self.model)
-        self._decode_model = self.model
-        if compile:
-            self._decode_model = torch.compile(self.model, dynamic=True)
+        self._decode_model = torch.compile(self.model, dynamic=True) if compile else self.model
         self._compile_config = contextlib.nullcontext
         if compile and self.device.type == "cpu":
             # Freezing (weights as constants) lets inductor prepack them as `prepack` would;
@@ -424,7 +422,7 @@ class Engine:
         engine compiles now rather than on its first requests (one row is its own graph)."""
         params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
         for rows in sorted({1, min(2, self.max_batch_size)}):
-            self.generate([[0, 0]] * rows, params)
+            self.generate([[0]] * rows, params)  # token 0: in every vocabulary
 
     # ---- whole requests -----------------------------------------------------------------------
     def stream(self, prompts: Sequence[str | Sequence[int]],

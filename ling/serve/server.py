@@ -69,15 +69,15 @@ def build_state(args: ServeArgs):
                     max_len=args.max_model_len, compile=args.compile)
     if engine.tokenizer is None:
         raise LingError(f"{args.ckpt}: no tokenizer.json — the server needs the checkpoint's tokenizer")
+    context = engine.cfg.context_length
+    if args.max_model_len is not None and not 1 < args.max_model_len <= context:
+        raise LingError(f"--max-model-len must be between 2 and the model's context length {context}, "
+                        f"got {args.max_model_len}")
     if args.compile:
         started = time.perf_counter()
         print("compiling the decode step ...", flush=True)
         engine.warm_up()
         print(f"compiled in {time.perf_counter() - started:.0f} s", flush=True)
-    context = engine.cfg.context_length
-    if args.max_model_len is not None and not 1 < args.max_model_len <= context:
-        raise LingError(f"--max-model-len must be between 2 and the model's context length {context}, "
-                        f"got {args.max_model_len}")
     metrics = Metrics()
     api_key = args.api_key if args.api_key is not None else os.environ.get("LING_API_KEY") or None
     return ServerState(model_name=args.model_name or Path(args.ckpt).resolve().name, tokenizer=engine.tokenizer,
