@@ -169,6 +169,9 @@ class Trainer:
             self._restore_signals(handlers)
             bar.close()
             self.metrics.close()
+        # Every rank leaves together: a rank that tore down the process group while rank 0
+        # still wrote the last checkpoint and report could abort at exit.
+        distributed.barrier(self.dist)
         interrupted = self._stop_signal is not None and self.step < cfg.max_steps
         if interrupted and self.dist.is_main:
             print(f"\ninterrupted ({self._stop_signal}) at step {self.step}: checkpoint saved to "
