@@ -1,11 +1,11 @@
-"""The explicit attention path (CPU, bf16) computes what scaled_dot_product_attention does."""
+"""The explicit attention paths (CPU) compute what scaled_dot_product_attention does."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ling.config import ModelConfig
-from ling.model import block_causal_mask, build_model, explicit_attention
+from ling.model import block_causal_mask, build_model, explicit_attention, single_query_attention
 
 
 def qkv(h_kv=4, T=12):
@@ -42,3 +42,13 @@ def test_bf16_on_cpu_takes_it_and_stays_close_to_fp32(monkeypatch):
         logits = model(tokens)
     assert len(calls) == model.cfg.n_layer
     assert (logits.float() - reference).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("h_kv", [4, 2])
+def test_single_query_attention_over_a_cache_matches_sdpa(h_kv):
+    """The compiled decode step's attention: one query per row, each row with its own mask."""
+    q, k, v = qkv(h_kv)
+    q = q[:, :, -1:]
+    mask = torch.tensor([[True] * 12, [True] * 7 + [False] * 5])[:, None, None]  # row 1 is 7 long
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=h_kv != 4)
+    torch.testing.assert_close(single_query_attention(q, k, v, mask), expected, atol=1e-6, rtol=1e-5)
