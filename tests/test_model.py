@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ling.config import PRESETS, ModelConfig, RopeScaling
-from ling.model import KVCache, block_causal_mask, build_model, gelu_tanh
+from ling.model import KVCache, block_causal_mask, build_model, embedding, gelu_tanh
 
 VARIANTS = {
     "gpt2-like": ModelConfig(vocab_size=61, context_length=32, n_layer=2, n_embd=32, n_head=4, bias="all"),
@@ -172,3 +172,23 @@ def test_fused_training_gelu_equals_atens_tanh_gelu_in_value_and_gradient(dtype,
     y_ref.backward(torch.ones_like(y_ref))
     torch.testing.assert_close(fused.grad, reference.grad, atol=tol, rtol=tol)
     assert torch.equal(gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"))  # no grad: ATen's kernel
+
+
+def test_compiled_embedding_gives_atens_gradient_for_repeated_ids():
+    """Inside a compiled training step the embedding's gradient is ATen's kernel (the
+    `ling::embedding_weight_grad` op); it sums the gradient of every use of a row."""
+    table = torch.nn.Embedding(5, 3)
+    ids = torch.tensor([[0, 1, 1, 4], [4, 4, 0, 2]])
+    weights = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+
+    def loss(ids):
+        return (embedding(table, ids) * weights).sum()
+
+    loss(ids).backward()
+    eager = table.weight.grad.clone()
+    table.weight.grad = None
+    torch.compile(loss, fullgraph=True)(ids).backward()
+    torch.testing.assert_close(table.weight.grad, eager)
+    expected = torch.zeros(5, 3).index_add_(0, ids.flatten(), weights.flatten(0, 1))
+    torch.testing.assert_close(eager, expected)
+    assert eager[3].abs().sum() == 0  # an unused row gets no gradient
