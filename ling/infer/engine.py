@@ -28,7 +28,7 @@ fp32 KV cache, whose attention kernel is much faster than bf16's for one query p
 (3) reading only the cache slots in use (`KVCache.kv_len`), (4) little work per step
 besides the forward: preallocated token/position buffers updated in place, one argmax for
 a greedy batch. `torch.compile` of the decode step (`compile=True`: inductor with frozen
-weights and its C++ wrapper) is another 10–20% in bf16 on CPU, after 15–30 s of
+weights and its C++ wrapper) is another 20–35% in bf16 on CPU, after 15–30 s of
 compilation, so it is opt-in: worth it for a server or a long batch job, not for one
 prompt (see BENCHMARKS.md, section Inference); on GPU it is untested here.
 
