@@ -45,6 +45,16 @@ def make_trainer(tmp_path, micro_batch=16, accumulation=1, batches=None, model=N
                    flops_per_token=CFG.flops_per_token(16), tokenizer=Tokenizer.train_char(["abc"]))
 
 
+@pytest.mark.parametrize("limit", [1e-3, 1e6])
+def test_gradients_over_the_clip_norm_are_scaled_to_it_and_others_are_left_alone(tmp_path, limit):
+    trainer = make_trainer(tmp_path, grad_clip=limit)
+    seen = []
+    trainer.optimizer.step = lambda: seen.append(float(torch.nn.utils.get_total_norm([p.grad for p in trainer.params])))
+    reported = trainer.train_step().grad_norm  # the norm before clipping
+    assert reported > 1e-2
+    assert seen[0] == pytest.approx(min(limit, reported), rel=1e-5)
+
+
 def test_a_step_loss_is_the_mean_over_the_global_batch_and_accumulation_does_not_change_it(tmp_path):
     whole = make_trainer(tmp_path / "a", micro_batch=16, accumulation=1)
     (batch,) = PretrainSampler(TOKENS, 16, 16, seed=1).next_step()

@@ -206,7 +206,7 @@ class Trainer:
         if self.cfg.grad_clip > 0:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+            grad_norm = self._clip_gradients()
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -217,6 +217,14 @@ class Trainer:
         self.tokens_seen += int(n_tokens)
         mean_loss = distributed.all_reduce_sum(loss_sum, self.dist) / n_targets
         return StepResult(loss=mean_loss, grad_norm=grad_norm, lr=lr, tokens=int(n_tokens))
+
+    def _clip_gradients(self) -> float:
+        """`clip_grad_norm_`, except that gradients within the limit are not multiplied by 1:
+        that pass over every gradient was ~1% of a small model's CPU step."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if float(norm) + 1e-6 > self.cfg.grad_clip:  # clip_grad_norm_'s scale max / (norm + 1e-6) < 1
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.grad_clip, norm)
+        return float(norm)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
