@@ -135,8 +135,10 @@ def main():
         for variant, (_, conn) in workers.items():
             conn.send(args.steps)
             rates[variant].append(args.steps * MB * T / conn.recv())
-        peaks["fp32"].append(probe_matmul_flops(torch.float32, seconds=0.2, rounds=1, clock=clock))
-        peaks["bf16"].append(probe_matmul_flops(torch.bfloat16, seconds=0.2, rounds=1, clock=clock))
+        # best of 3 short probes per round: one probe can land on a slow moment of a shared VM,
+        # and a low peak would flatter the MFU
+        peaks["fp32"].append(probe_matmul_flops(torch.float32, seconds=0.2, rounds=3, clock=clock))
+        peaks["bf16"].append(probe_matmul_flops(torch.bfloat16, seconds=0.2, rounds=3, clock=clock))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     for proc, conn in workers.values():
         conn.send(0)
