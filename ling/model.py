@@ -206,12 +206,16 @@ def explicit_attention(q, k, v, mask=None, dropout: float = 0.0) -> torch.Tensor
     S = k.shape[2]
     if k.shape[1] != H:  # grouped key/value heads
         k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
-    q, k, v = q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D)
+    k, v = k.reshape(B * H, S, D), v.reshape(B * H, S, D)
     if mask is None and T == S and T % 2 == 0:
+        # Every operand its own dense tensor: a batched matmul copies an operand whose batches
+        # are not packed back to back (a slice of the sequence), forward and backward.
         h = T // 2
-        top = _attend(q[:, :h], k[:, :h], v[:, :h], None, dropout)
-        bottom = _attend(q[:, h:], k, v, None, dropout)
+        q_top, q_bottom = q.unflatten(2, (2, h)).permute(2, 0, 1, 3, 4).reshape(2, B * H, h, D)
+        top = _attend(q_top, k[:, :h].contiguous(), v[:, :h].contiguous(), None, dropout)
+        bottom = _attend(q_bottom, k, v, None, dropout)
         return torch.cat([top, bottom], dim=1).view(B, H, T, D)
+    q = q.reshape(B * H, T, D)
     if mask is not None:
         mask = mask.view(T, S) if mask.shape[0] == 1 else mask.expand(B, H, T, S).reshape(B * H, T, S)
     return _attend(q, k, v, mask, dropout).view(B, H, T, D)
