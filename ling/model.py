@@ -214,7 +214,9 @@ def explicit_attention(q, k, v, mask=None, dropout: float = 0.0) -> torch.Tensor
         q_top, q_bottom = q.unflatten(2, (2, h)).permute(2, 0, 1, 3, 4).reshape(2, B * H, h, D)
         top = _attend(q_top, k[:, :h].contiguous(), v[:, :h].contiguous(), None, dropout)
         bottom = _attend(q_bottom, k, v, None, dropout)
-        return torch.cat([top, bottom], dim=1).view(B, H, T, D)
+        halves = torch.stack([top, bottom])  # (2, B·H, h, D): its gradient's halves are dense too
+        # to (B, T, H, D) memory, returned as the (B, H, T, D) view that SDPA's caller transposes back
+        return halves.view(2, B, H, h, D).permute(1, 0, 3, 2, 4).reshape(B, T, H, D).transpose(1, 2)
     q = q.reshape(B * H, T, D)
     if mask is not None:
         mask = mask.view(T, S) if mask.shape[0] == 1 else mask.expand(B, H, T, S).reshape(B * H, T, S)
