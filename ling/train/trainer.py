@@ -222,9 +222,10 @@ class Trainer:
         """`clip_grad_norm_`, except that gradients within the limit are not multiplied by 1:
         that pass over every gradient was ~1% of a small model's CPU step."""
         norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        if float(norm) + 1e-6 > self.cfg.grad_clip:  # clip_grad_norm_'s scale max / (norm + 1e-6) < 1
+        value = float(norm)
+        if value + 1e-6 > self.cfg.grad_clip:  # clip_grad_norm_'s scale max / (norm + 1e-6) < 1
             torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.grad_clip, norm)
-        return float(norm)
+        return value
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
