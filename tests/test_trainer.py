@@ -194,8 +194,9 @@ def test_activation_checkpointing_recomputes_to_the_same_result(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager_evaluates_samples_and_saves_plain_names(tmp_path, capsys):
-    # A GPT-2 MLP, whose GELU is itself compiled when training: compiled within compiled.
-    gpt2_like = dataclasses.replace(CFG, mlp="gelu", position="learned", norm="layernorm")
+    # A GPT-2 MLP, whose GELU is itself compiled when training: compiled within compiled;
+    # biases, which a compiled step adds apart from their matmuls.
+    gpt2_like = dataclasses.replace(CFG, mlp="gelu", position="learned", norm="layernorm", bias="all")
 
     def trainer_for(path, **train):
         torch.manual_seed(0)
@@ -207,6 +208,7 @@ def test_compiled_training_matches_eager_evaluates_samples_and_saves_plain_names
         assert float(got.loss) == pytest.approx(float(expected.loss), rel=1e-5)
         assert got.grad_norm == pytest.approx(expected.grad_norm, rel=1e-4)
     torch.testing.assert_close(compiled.model.pos_embed.weight, eager.model.pos_embed.weight)
+    torch.testing.assert_close(compiled.model.blocks[0].mlp.up.bias, eager.model.blocks[0].mlp.up.bias)
     trainer = trainer_for(tmp_path, compile=True, max_steps=1, sample_tokens=5)
     trainer.sample_prompt = [1, 2]
     result = trainer.fit()
