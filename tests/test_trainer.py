@@ -48,11 +48,23 @@ def make_trainer(tmp_path, micro_batch=16, accumulation=1, batches=None, model=N
 @pytest.mark.parametrize("limit", [1e-3, 1e6])
 def test_gradients_over_the_clip_norm_are_scaled_to_it_and_others_are_left_alone(tmp_path, limit):
     trainer = make_trainer(tmp_path, grad_clip=limit)
-    seen = []
-    trainer.optimizer.step = lambda: seen.append(float(torch.nn.utils.get_total_norm([p.grad for p in trainer.params])))
-    reported = trainer.train_step().grad_norm  # the norm before clipping
-    assert reported > 1e-2
-    assert seen[0] == pytest.approx(min(limit, reported), rel=1e-5)
+    reference = make_trainer(tmp_path / "reference", grad_clip=0)  # clipped by hand below
+    seen, step = [], trainer.optimizer.step
+
+    def step_and_look():  # the fused AdamW scales the gradients as it reads them, and stores them
+        step()
+        seen.append(float(torch.nn.utils.get_total_norm([p.grad for p in trainer.params])))
+
+    trainer.optimizer.step = step_and_look
+    reference_step = reference.optimizer.step
+    reference.optimizer.step = lambda: (torch.nn.utils.clip_grad_norm_(reference.params, limit), reference_step())
+    for _ in range(2):
+        reported = trainer.train_step().grad_norm  # the norm before clipping
+        reference.train_step()
+        assert reported > 1e-2
+        assert seen[-1] == pytest.approx(min(limit, reported), rel=1e-5)
+    for p, q in zip(trainer.params, reference.params):  # the same update as clip_grad_norm_ + AdamW
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
 def test_a_step_loss_is_the_mean_over_the_global_batch_and_accumulation_does_not_change_it(tmp_path):
