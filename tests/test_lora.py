@@ -73,8 +73,10 @@ def test_merged_model_equals_base_plus_adapter(tie):
     assert (merged.lm_head.weight is merged.embed.weight) == tie
     with torch.no_grad():
         torch.testing.assert_close(merged(TOKENS), expected, rtol=0, atol=1e-5)
-    # the merged model is a plain Transformer: same parameter names as a fresh one
-    assert set(merged.state_dict()) == set(_model(tie_embeddings=tie).state_dict())
+    # the merged model is a plain Transformer: same parameter names and layer types as a fresh one
+    fresh = _model(tie_embeddings=tie)
+    assert set(merged.state_dict()) == set(fresh.state_dict())
+    assert [type(m) for m in merged.modules()] == [type(m) for m in fresh.modules()]
 
 
 def test_adapter_state_round_trip_and_mismatch_errors():
