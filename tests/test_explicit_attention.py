@@ -15,10 +15,15 @@ def qkv(h_kv=4, T=12):
 
 
 @pytest.mark.parametrize("h_kv", [4, 2])
-def test_causal_and_grouped_heads_match_sdpa(h_kv):
-    q, k, v = qkv(h_kv)
-    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h_kv != 4)
-    torch.testing.assert_close(explicit_attention(q, k, v), expected, atol=1e-6, rtol=1e-5)
+def test_causal_and_grouped_heads_match_sdpa_in_value_and_gradient(h_kv):
+    inputs = [t.requires_grad_() for t in qkv(h_kv)]
+    expected = F.scaled_dot_product_attention(*inputs, is_causal=True, enable_gqa=h_kv != 4)
+    got = explicit_attention(*inputs)  # causal halves: the first half of the keys used twice
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+    for name, g, e in zip("qkv", torch.autograd.grad((got * weights).sum(), inputs), expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=f"gradient of {name}")
 
 
 @pytest.mark.parametrize("rows", [2, 1])  # a mask per row, or one for the whole batch
