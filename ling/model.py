@@ -143,6 +143,12 @@ def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
+def _compiled_cpu_training(x: torch.Tensor) -> bool:
+    """Whether `x` is being traced into a compiled CPU graph that will run a backward pass:
+    where `Linear` and `embedding` swap inductor's code for ATen's kernels."""
+    return torch.compiler.is_compiling() and torch.is_grad_enabled() and x.device.type == "cpu"
+
+
 class Linear(nn.Linear):
     """`nn.Linear`, except in a compiled CPU training step: there the product is a plain
     matmul whose bias the next fused kernel adds, and the bias's gradient is ATen's column
@@ -151,8 +157,7 @@ class Linear(nn.Linear):
     it made ~2× slower: this form makes a 6 × 384 GPT-2's compiled bf16 step 2–3% faster."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.bias is not None and torch.compiler.is_compiling() and torch.is_grad_enabled()
-                and x.device.type == "cpu"):
+        if self.bias is not None and _compiled_cpu_training(x):
             y = F.linear(x, self.weight)
             return _AddBias.apply(y, self.bias.to(y.dtype))
         return super().forward(x)
@@ -350,8 +355,7 @@ def embedding(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     """`table(ids)`, except in a compiled CPU training step: there the table's gradient stays
     ATen's kernel (inductor's scatter-add of it, contended on a small vocabulary, took ~12 ms
     of a 6 × 384 model's ~420 ms step where ATen's takes ~1 ms)."""
-    if (torch.compiler.is_compiling() and table.weight.requires_grad and torch.is_grad_enabled()
-            and ids.device.type == "cpu"):
+    if table.weight.requires_grad and _compiled_cpu_training(ids):
         return _EmbeddingWithATenGrad.apply(ids, table.weight)
     return table(ids)
 
