@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 from ling.config import ModelConfig
 from ling.dataclass_io import from_dict, to_dict
 from ling.errors import LingError
-from ling.model import Linear, Transformer
+from ling.model import Transformer
 from ling.train.vocab import resize_vocab
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -134,8 +134,8 @@ class LoRALinear(nn.Module):
             delta[start:end] = self.lora_B[name].float() @ self.lora_A[name].float() * self.scale
         return delta
 
-    def merged(self) -> Linear:
-        linear = Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None,
+    def merged(self) -> nn.Linear:
+        linear = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None,
                            device="meta", dtype=self.weight.dtype)
         linear.weight = nn.Parameter((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
         if self.bias is not None:
