@@ -1,35 +1,46 @@
-"""Generation speed: ling's Engine vs transformers' `generate`, on the same weights, CPU.
+"""Generation speed: ling's Engine vs transformers' `generate` (and llama.cpp), on the same weights, CPU.
 
 Builds random-init transformers models once (GPT-2 6×384 with a 72-symbol character
-vocabulary, like the pretraining benchmark's model, and a Llama shaped as ling's
-`llama-110m` preset), saves them with `save_pretrained`, and loads the very same directory
-into both libraries (ling converts it on load). Then, for fp32 and bf16 weights and batch
-1 and 8, interleaved round by round (ling, transformers, ling, ...):
+vocabulary, like the pretraining benchmark's model; a Llama shaped as ling's `llama-110m`
+preset; and one shaped as SmolLM2-135M: 30 narrow layers of 576, 9 heads / 3 kv heads),
+saves them with `save_pretrained`, and loads the very same directory into both libraries
+(ling converts it on load). Then, for fp32 and bf16 weights and batch 1 and 8,
+interleaved round by round (ling, transformers, ling, ...):
 
 - time to first token (TTFT): `max_new_tokens=1` on a 128-token prompt per row;
 - prefill tokens/s: batch × prompt tokens / TTFT;
 - decode tokens/s: batch × (N − 1) / (time for N new tokens − TTFT), N = 128, greedy,
   no early stop; medians over the rounds.
 
-It also checks that both produce the same greedy tokens (fp32). Run from the repo root:
+It also checks that both produce the same greedy tokens (fp32), and gives batch-1 decoding
+as a share of the machine's bandwidth ceiling (measured read bandwidth / weight bytes: each
+token reads every weight once). The table starts with the machine (`machine.py`). Run
+from the repo root:
 
-    PYTHONPATH=. python benchmarks/bench_generate.py [--rounds 3] [--models gpt-6x384 llama-110m]
-        [--dtypes fp32 bf16] [--batches 1 8] [--threads 2] [--clock wall] [--compile]
+    PYTHONPATH=. python benchmarks/bench_generate.py [--rounds 3] [--models gpt-6x384 llama-110m smollm2-135m-shape]
+        [--dtypes fp32 bf16] [--batches 1 8] [--threads 2] [--clock wall] [--compile] [--reference]
+        [--llama-cpp DIR --llama-cpp-src DIR]
+
+`--reference` adds a row for `--kernels reference` (the plain model). `--llama-cpp` adds
+llama.cpp at batch 1 (its `llama-bench` in DIR, on the same weights converted to GGUF by
+the `convert_hf_to_gguf.py` of its sources in `--llama-cpp-src`; f32 or bf16 as the row).
 
 `--clock cpu` times with this process's CPU time instead of the wall clock: with
 `--threads 1` on a machine shared with other jobs, that approximates what an idle core would
 give (a process waiting for its turn on the CPU does not accumulate CPU time).
 
-`--compile` adds a ling row with `torch.compile` of the decode step (its compile time is
-excluded: it is warmed up first).
+`--compile` adds a ling row with `torch.compile` of the decode step; its compile time (the
+warm-up) is measured and printed, and excluded from the rates.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +48,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
+from benchmarks.machine import describe, header
 from ling.infer import Engine, SamplingParams
 
 MODELS = {
@@ -46,6 +58,10 @@ MODELS = {
                                       num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=1024,
                                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
                                       bos_token_id=1, eos_token_id=2),
+    "smollm2-135m-shape": lambda: LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                              num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                              max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0,
+                                              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -71,12 +87,42 @@ class HFRunner:
 
 
 class LingRunner:
-    def __init__(self, path: Path, dtype: str, batch: int, compile: bool = False):
-        self.engine = Engine(path, dtype=dtype, max_batch_size=batch, compile=compile)
+    def __init__(self, path: Path, dtype: str, batch: int, compile: bool = False, kernels: str = "auto"):
+        self.engine = Engine(path, dtype=dtype, max_batch_size=batch, compile=compile, kernels=kernels)
+        self.compile_s = None
+        if compile:
+            t0 = time.perf_counter()
+            self.engine.warm_up()
+            self.compile_s = time.perf_counter() - t0
 
     def __call__(self, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
         params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
         return [c.token_ids for c in self.engine.generate(prompts.tolist(), params)]
+
+
+class LlamaCppRunner:
+    """llama.cpp's `llama-bench` on the GGUF of the same weights (batch 1: it decodes one sequence).
+    It reports its own rates: `timed` uses them instead of a clock."""
+
+    def __init__(self, bench: Path, gguf: Path, threads: int):
+        self.bench, self.gguf, self.threads = bench, gguf, threads
+
+    def rates(self, prompt_tokens: int, new_tokens: int) -> dict:
+        out = subprocess.run([str(self.bench), "-m", str(self.gguf), "-p", str(prompt_tokens), "-n", str(new_tokens),
+                              "-t", str(self.threads), "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
+        tests = json.loads(out.stdout)
+        return {("decode" if t["n_gen"] else "prefill"): t["avg_ts"] for t in tests}
+
+
+def gguf_of(hf_path: Path, dtype: str, src: Path) -> Path:
+    """The HF directory converted by llama.cpp's own converter (once)."""
+    out = hf_path / f"model-{dtype}.gguf"
+    if not out.exists():
+        env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+        subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_path), "--outfile", str(out),
+                        "--outtype", {"fp32": "f32", "bf16": "bf16"}[dtype]], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -91,18 +137,28 @@ def timed(run, prompts, new_tokens):
 
 def bench(runners: dict, prompts: torch.Tensor, new_tokens: int, rounds: int) -> dict:
     """Interleaved rounds; per runner: medians of TTFT and of the N-token time; last outputs."""
-    for run in runners.values():  # warm-up (and compile, where asked)
-        run(prompts, 8)
-    times = {name: {"ttft": [], "total": []} for name in runners}
+    for run in runners.values():  # warm-up
+        if not isinstance(run, LlamaCppRunner):
+            run(prompts, 8)
+    times = {name: {"ttft": [], "total": [], "decode": [], "prefill": []} for name in runners}
     outputs = {}
+    B, P = prompts.shape
     for _ in range(rounds):
         for name, run in runners.items():
+            if isinstance(run, LlamaCppRunner):
+                rates = run.rates(P, new_tokens)
+                times[name]["decode"].append(rates["decode"])
+                times[name]["prefill"].append(rates["prefill"])
+                continue
             times[name]["ttft"].append(timed(run, prompts, 1)[0])
             seconds, outputs[name] = timed(run, prompts, new_tokens)
             times[name]["total"].append(seconds)
-    B, P = prompts.shape
     results = {}
     for name, t in times.items():
+        if t["decode"]:
+            decode, prefill = statistics.median(t["decode"]), statistics.median(t["prefill"])
+            results[name] = {"ttft_ms": 1000 * P / prefill, "prefill_tok_s": prefill, "decode_tok_s": decode, "tokens": None}
+            continue
         ttft, total = statistics.median(t["ttft"]), statistics.median(t["total"])
         results[name] = {
             "ttft_ms": 1000 * ttft,
@@ -124,37 +180,54 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="cpu: process CPU time (use with --threads 1)")
     parser.add_argument("--compile", action="store_true", help="add a ling row with torch.compile")
+    parser.add_argument("--reference", action="store_true", help="add a ling row with --kernels reference")
+    parser.add_argument("--llama-cpp", type=Path, help="directory of llama.cpp's llama-bench: add llama.cpp at batch 1")
+    parser.add_argument("--llama-cpp-src", type=Path, help="llama.cpp's sources (convert_hf_to_gguf.py, gguf-py)")
     parser.add_argument("--dir", default="/tmp/ling-bench-generate", help="where the HF models are saved")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     global clock
     clock = CLOCKS[args.clock]
     transformers.logging.set_verbosity_error()
-    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, {args.clock} clock, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, {time.strftime('%Y-%m-%d')}, "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"# prompt {args.prompt_tokens} tokens/row, {args.new_tokens} new tokens, greedy, median of {args.rounds}")
-    print("| model | dtype | batch | engine | decode tok/s | prefill tok/s | TTFT ms | decode vs HF | same tokens |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---|")
+    machine = describe()
+    print(header(machine))
+    print(f"- {args.threads} threads, {args.clock} clock, transformers {transformers.__version__}; prompt "
+          f"{args.prompt_tokens} tokens/row, {args.new_tokens} new tokens, greedy, median of {args.rounds}\n")
+    print("| model | dtype | batch | engine | decode tok/s | prefill tok/s | TTFT ms | decode vs HF | "
+          "of bandwidth ceiling | same tokens |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---|")
     for model in args.models:
         path = hf_dir(model, Path(args.dir))
-        vocab = MODELS[model]().vocab_size
+        config = MODELS[model]()
+        vocab = config.vocab_size
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         for dtype in args.dtypes:
             hf = HFRunner(path, dtype)
+            ceiling = machine["read_bytes_per_s"] / (params * DTYPES[dtype].itemsize)  # tok/s at one row
             for batch in args.batches:
                 generator = torch.Generator().manual_seed(batch)
                 prompts = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=generator)
                 runners = {"ling": LingRunner(path, dtype, batch)}
+                if args.reference:
+                    runners["ling (reference)"] = LingRunner(path, dtype, batch, kernels="reference")
                 if args.compile:
                     runners["ling (compile)"] = LingRunner(path, dtype, batch, compile=True)
+                    print(f"<!-- {model} {dtype} batch {batch}: compiled in "
+                          f"{runners['ling (compile)'].compile_s:.1f} s -->", flush=True)
                 runners["transformers"] = hf
+                if args.llama_cpp is not None and batch == 1:
+                    runners["llama.cpp"] = LlamaCppRunner(args.llama_cpp / "llama-bench",
+                                                          gguf_of(path, dtype, args.llama_cpp_src), args.threads)
                 results = bench(runners, prompts, args.new_tokens, args.rounds)
                 reference = results["transformers"]
                 for name, r in results.items():
                     ratio = r["decode_tok_s"] / reference["decode_tok_s"]
-                    same = "yes" if r["tokens"] == reference["tokens"] else "no"
+                    same = "-" if r["tokens"] is None else "yes" if r["tokens"] == reference["tokens"] else "no"
+                    share = f"{r['decode_tok_s'] / ceiling:.0%}" if batch == 1 else ""
                     print(f"| {model} | {dtype} | {batch} | {name} | {r['decode_tok_s']:.0f} | "
-                          f"{r['prefill_tok_s']:.0f} | {r['ttft_ms']:.1f} | {ratio:.2f}x | {same} |", flush=True)
+                          f"{r['prefill_tok_s']:.0f} | {r['ttft_ms']:.1f} | {ratio:.2f}x | {share} | {same} |", flush=True)
+                if batch == max(args.batches):
+                    print(f"<!-- {model} {dtype}: {runners['ling'].engine.kernels.summary()} -->", flush=True)
 
 
 if __name__ == "__main__":

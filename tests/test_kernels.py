@@ -314,3 +314,13 @@ def test_an_unknown_kernels_mode_names_the_closest():
     assert check_mode("auto") == "auto"
     with pytest.raises(LingError, match="unknown --kernels 'refrence'; did you mean 'reference'"):
         check_mode("refrence")
+
+
+def test_a_choice_measured_on_a_busy_machine_is_measured_again_once_it_is_quieter(tmp_path, monkeypatch):
+    from ling.kernels import probe
+
+    monkeypatch.setenv("LING_CACHE", str(tmp_path))
+    load = iter([3.0, 2.0, 0.5, 0.5])  # per core: busy when measured, still busy, then quiet
+    monkeypatch.setattr(probe, "load_per_core", lambda: next(load))
+    pick = lambda: Probe(torch.device("cpu"), seconds=0.01).pick("part", "shape", {"a": lambda: None}).how  # noqa: E731
+    assert [pick(), pick(), pick()] == ["measured", "cached", "measured"]

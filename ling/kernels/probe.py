@@ -5,12 +5,16 @@ cache sizes), the thread count, the torch version and the model's shapes — a c
 on one machine does not transfer. So each choice is a short race between the candidates on
 the model's real shapes, run once per machine: the winner is remembered in `kernels.json`
 in ling's cache directory (`$LING_CACHE`, else ~/.cache/ling), keyed by all of the above.
-A damaged cache file is measured again (with a one-line warning), never a crash.
+A race run while other programs kept the cores busy can crown the wrong winner, so each
+answer records the machine's load; one taken on a busy machine is measured again once the
+machine is quieter. A damaged cache file is measured again (with a one-line warning),
+never a crash.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Callable
@@ -74,13 +78,30 @@ class Probe:
         known = self._load()
         entry = known.get(key)
         if (not self.refresh and isinstance(entry, dict) and entry.get("picked") in candidates
-                and isinstance(entry.get("seconds"), dict)):
+                and isinstance(entry.get("seconds"), dict) and not _busier_then(entry)):
             return Choice(part, entry["picked"], "cached", dict(entry["seconds"]))
         seconds = race(candidates, self.seconds, self.device)
         picked = min(seconds, key=seconds.get) if seconds else next(iter(candidates))
-        known[key] = {"picked": picked, "seconds": seconds}
+        known[key] = {"picked": picked, "seconds": seconds, "load": load_per_core()}
         self._save()
         return Choice(part, picked, "measured", seconds)
+
+
+BUSY = 0.75
+"""load average per core above which a measurement is taken again when the machine is quieter"""
+
+
+def load_per_core() -> float:
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        return 0.0
+
+
+def _busier_then(entry: dict) -> bool:
+    """Whether `entry` was measured on a busy machine that is now at most half as busy."""
+    then = entry.get("load")
+    return isinstance(then, (int, float)) and then > BUSY and load_per_core() < then / 2
 
 
 def race(candidates: dict[str, Callable[[], object]], budget: float, device: torch.device) -> dict[str, float]:
