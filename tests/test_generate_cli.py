@@ -52,6 +52,23 @@ def test_generate_one_prompt_prints_prompt_and_continuation(ckpt, capsys):
     assert run(capsys, ckpt, "--prompt", "A", "--temperature", "0", "--stream", "--dtype", "fp32")[1] == out
 
 
+def test_the_summary_names_the_kernels_and_compile_is_skipped_where_it_would_not_pay(ckpt, capsys, tmp_path,
+                                                                                     monkeypatch):
+    import torch
+
+    from ling.checkpoint import load_checkpoint
+    from ling.kernels import compile_decision
+
+    monkeypatch.setenv("LING_CACHE", str(tmp_path))
+    model, _ = load_checkpoint(ckpt)
+    key = compile_decision.shape_key(model.cfg, torch.float32, 1)
+    compile_decision.remember(torch.device("cpu"), key, eager_step=0.002, compiled_step=0.001, compile=30.0)
+    code, out, err = run(capsys, ckpt, "--prompt", "A", "--temperature", "0", "--dtype", "fp32", "--compile")
+    assert code == 0 and out == SCRIPT + "\n"
+    assert "--compile: not compiling: it took ~30 s here and would save ~0 s" in err
+    assert "compiling the decode step" not in err and "\n[kernels: " in err
+
+
 def test_generate_with_a_draft_model_gives_the_same_greedy_text(ckpt, capsys):
     code, out, err = run(capsys, ckpt, "--prompt", "A", "--temperature", "0", "--draft", ckpt, "--dtype", "fp32")
     assert code == 0 and out == SCRIPT + "\n" and "draft tokens accepted: 100%" in err

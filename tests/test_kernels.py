@@ -324,3 +324,40 @@ def test_a_choice_measured_on_a_busy_machine_is_measured_again_once_it_is_quiete
     monkeypatch.setattr(probe, "load_per_core", lambda: next(load))
     pick = lambda: Probe(torch.device("cpu"), seconds=0.01).pick("part", "shape", {"a": lambda: None}).how  # noqa: E731
     assert [pick(), pick(), pick()] == ["measured", "cached", "measured"]
+
+
+def test_compiling_the_decode_step_is_chosen_only_where_the_measured_saving_beats_the_compile_time(tmp_path, monkeypatch):
+    from ling.kernels import compile_decision
+
+    monkeypatch.setenv("LING_CACHE", str(tmp_path))
+    cpu = torch.device("cpu")
+    key = compile_decision.shape_key(LLAMA_GQA, torch.bfloat16, 1)
+    compile, why = compile_decision.decide(cpu, key, 100)
+    assert compile and "no earlier measurement" in why  # nothing known: compile, and learn
+    compile_decision.remember(cpu, key, eager_step=0.030)
+    compile_decision.remember(cpu, key, compiled_step=0.020, compile=20.0)  # 10 ms saved a step, 20 s to compile
+    assert compile_decision.decide(cpu, key, 256) == (
+        False, "not compiling: it took ~20 s here and would save ~3 s over ~256 steps (measured earlier on this machine)")
+    assert compile_decision.decide(cpu, key, 4000) == (True, "compiling: ~20 s to compile, saves ~40 s over ~4000 steps")
+    other = compile_decision.shape_key(LLAMA_GQA, torch.bfloat16, 8)
+    assert compile_decision.decide(cpu, other, 4000)[0] and "no earlier" in compile_decision.decide(cpu, other, 1)[1]
+
+
+def test_an_engine_records_its_decode_step_time_for_that_decision(tmp_path, monkeypatch):
+    from ling.checkpoint import save_model_dir
+    from ling.infer import Engine, SamplingParams
+    from ling.kernels import compile_decision
+    from ling.kernels.probe import Probe
+
+    monkeypatch.setenv("LING_CACHE", str(tmp_path / "cache"))
+    save_model_dir(build_model(LLAMA_GQA), None, tmp_path / "ckpt")
+    engine = Engine(tmp_path / "ckpt", max_batch_size=1)
+    engine.generate([[1, 2]], SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
+    engine.record_speed()
+    key = compile_decision.shape_key(LLAMA_GQA, torch.float32, 1)
+    known = Probe(torch.device("cpu")).recall(compile_decision.PART, key)
+    assert set(known) == {"eager_step"} and 0 < known["eager_step"] < 10
+    live = Engine(build_model(LLAMA_GQA), max_batch_size=1)  # a live model: not the tuned engine's speed
+    live.generate([[1, 2]], SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
+    live.record_speed()
+    assert Probe(torch.device("cpu")).recall(compile_decision.PART, key) == known

@@ -43,6 +43,7 @@ import contextlib
 import functools
 import itertools
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ from ling.checkpoint import load_checkpoint, resolve_dtype, unwrap
 from ling.errors import LingError
 from ling.infer.detokenize import IncrementalDetokenizer, StopStrings
 from ling.infer.sampling import BatchSampler, SamplingParams, TokenLogprob
-from ling.kernels import KernelReport, apply_inference_kernels, check_mode, plan_inference_kernels
+from ling.kernels import Choice, KernelReport, apply_inference_kernels, check_mode, compile_decision, plan_inference_kernels
 from ling.model import KVCache, Transformer
 from ling.tokenizer import Tokenizer
 
@@ -115,10 +116,11 @@ class Engine:
     def __init__(self, model: Transformer | str | Path, tokenizer: Tokenizer | None = None, *,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  max_batch_size: int = 8, max_len: int | None = None, compile: bool = False,
-                 kernels: str = "auto", draft: "Engine | str | Path | None" = None,
+                 kernels: str = "auto", owns_model: bool = False, draft: "Engine | str | Path | None" = None,
                  num_speculative_tokens: int = 4):
         """`model`: a checkpoint directory (ling or Hugging Face) or a `Transformer` (used as
-        is, on its own device and dtype: a live model is decoded as it is, without kernels).
+        is, on its own device and dtype: a live model is decoded as it is, without kernels, unless
+        `owns_model` says the engine may change its modules).
         `max_len` bounds prompt + output per request (the model's context length by default).
         `kernels`: 'auto' (measure and keep the fastest, see `self.kernels`) or 'reference'.
         `draft`: a small model with the same vocabulary for speculative decoding of greedy
@@ -132,7 +134,7 @@ class Engine:
             if device is not None or dtype is not None:
                 raise LingError("Engine(model): device and dtype come from the model; move it with model.to(...)")
             model = unwrap(model)  # a torch.compile / DDP wrapper (e.g. the trainer's): decode the bare model
-            owned = False
+            owned = owns_model
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg
@@ -149,6 +151,12 @@ class Engine:
             self.kernels = plan_inference_kernels(self.model, mode=kernels, max_batch_size=max_batch_size,
                                                   max_len=self.max_len, compile=compile)
             cache_dtype = apply_inference_kernels(self.model, self.kernels)
+        self.compiled = compile
+        self.compile_seconds: float | None = None
+        """how long compiling the decode step took (measured by `warm_up`)"""
+        self._owned = owned
+        self._step_times: dict[int, list[float]] = {}
+        """rows → [decode steps, seconds] (the engine's own speed, for `compile_decision`)"""
         self._decode_model = torch.compile(self.model, dynamic=True) if compile else self.model
         self._compile_config = contextlib.nullcontext
         if compile and self.device.type == "cpu":
@@ -339,6 +347,7 @@ class Engine:
 
     def _decode(self, running: list[_Request]) -> list[Delta]:
         """One token for every running request: rows 0..hi of the cache in one forward."""
+        started = time.perf_counter()
         hi = max(r.slot for r in running) + 1
         self.cache.kv_len = max(r.position for r in running) + 1
         with self._compile_config():
@@ -347,7 +356,10 @@ class Engine:
         self.sampler.observe(0, next_ids)
         self._tokens[:hi, 0] = next_ids
         self._positions[:hi] += self._live[:hi]
-        ids = next_ids.tolist()
+        ids = next_ids.tolist()  # waits for the device: the step's time is complete
+        times = self._step_times.setdefault(hi, [0, 0.0])
+        times[0] += 1
+        times[1] += time.perf_counter() - started
         deltas = []
         for r in running:
             r.position += 1
@@ -427,10 +439,30 @@ class Engine:
 
     def warm_up(self) -> None:
         """Run the decode step once for one row and once for several, so that a compiled
-        engine compiles now rather than on its first requests (one row is its own graph)."""
+        engine compiles now rather than on its first requests (one row is its own graph);
+        a compiled engine's compile time is measured (`compile_seconds`) and reported."""
+        started = time.perf_counter()
         params = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
         for rows in sorted({1, min(2, self.max_batch_size)}):
             self.generate([[0]] * rows, params)  # token 0: in every vocabulary
+        self._step_times.clear()  # warm-up steps are not the engine's speed
+        if self.compiled and self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - started
+            self.kernels.add(Choice("compiled decode", "on", "measured", {"compile": self.compile_seconds},
+                                    note=f"compiled in {self.compile_seconds:.1f} s"))
+
+    def record_speed(self) -> None:
+        """Remember this engine's measured decode-step times (and compile time) on this machine,
+        for later decisions on whether compiling pays (`ling.kernels.compile_decision`)."""
+        if not self._owned or self.draft is not None or self.kernels.mode == "reference":
+            return
+        for rows, (steps, seconds) in self._step_times.items():
+            if steps < 8:  # too few to say
+                continue
+            values = {"compiled_step" if self.compiled else "eager_step": seconds / steps}
+            if self.compiled and self.compile_seconds is not None:
+                values["compile"] = self.compile_seconds
+            compile_decision.remember(self.device, compile_decision.shape_key(self.cfg, self.dtype, rows), **values)
 
     # ---- whole requests -----------------------------------------------------------------------
     def stream(self, prompts: Sequence[str | Sequence[int]],

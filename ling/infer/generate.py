@@ -22,9 +22,10 @@ from ling.atomic import atomic_file
 from ling.dataclass_io import from_dict
 from ling.device import pick_device, pick_precision
 from ling.errors import LingError
+from ling.checkpoint import load_checkpoint, resolve_dtype
 from ling.infer.engine import Completion, Engine
 from ling.infer.sampling import SamplingParams
-from ling.kernels import check_mode
+from ling.kernels import check_mode, compile_decision
 from ling.model import Transformer
 
 
@@ -60,7 +61,8 @@ class ModelArgs:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """weights and cache precision (auto: bf16 where the hardware has it, else fp32)"""
     compile: bool = False
-    """torch.compile the decode step: 20–35% faster bf16 decoding on CPU after 15–30 s of compilation"""
+    """torch.compile the decode step (faster steps after seconds to minutes of compiling): `ling
+    generate` compiles only where the saving measured on this machine beats the compile time"""
     draft: Optional[str] = None
     """a small checkpoint with the same tokenizer for speculative decoding (greedy only)"""
     kernels: str = "auto"
@@ -88,14 +90,31 @@ class GenerateArgs(ModelArgs):
     sampling: tyro.conf.OmitArgPrefixes[SamplingParams] = field(default_factory=SamplingParams)
 
 
-def build_engine(args: ModelArgs, max_batch_size: int) -> Engine:
+def build_engine(args: ModelArgs, max_batch_size: int, decode_steps: int | None = None) -> Engine:
+    """The engine for `args`. With `--compile` and a request of about `decode_steps` steps, the
+    decode step is compiled only if that pays here (`ling.kernels.compile_decision`); a
+    compiled engine compiles before it returns, and says how long that took."""
     device = pick_device(args.device)
     dtype = pick_precision("auto", device) if args.dtype == "auto" else args.dtype
     draft = None
     if args.draft is not None:
         draft = Engine(args.draft, device=device, dtype=dtype, max_batch_size=max_batch_size, kernels=args.kernels)
-    return Engine(args.ckpt, device=device, dtype=dtype, max_batch_size=max_batch_size, compile=args.compile,
-                  kernels=args.kernels, draft=draft)
+    compile = args.compile
+    if compile and decode_steps is not None and args.kernels == "auto" and draft is None:
+        model, tokenizer = load_checkpoint(args.ckpt, device=device, dtype=resolve_dtype(dtype))
+        key = compile_decision.shape_key(model.cfg, next(model.parameters()).dtype, max_batch_size)
+        compile, why = compile_decision.decide(device, key, decode_steps)
+        print(f"--compile: {why}", file=sys.stderr)
+        engine = Engine(model, tokenizer, max_batch_size=max_batch_size, compile=compile, kernels=args.kernels,
+                        owns_model=True)
+    else:
+        engine = Engine(args.ckpt, device=device, dtype=dtype, max_batch_size=max_batch_size, compile=compile,
+                        kernels=args.kernels, draft=draft)
+    if engine.compiled:
+        print("compiling the decode step ...", file=sys.stderr, flush=True)
+        engine.warm_up()
+        print(f"compiled in {engine.compile_seconds:.1f} s", file=sys.stderr, flush=True)
+    return engine
 
 
 def read_prompts(path: str, defaults: SamplingParams) -> list[tuple[str, SamplingParams, str]]:
@@ -146,19 +165,23 @@ def generate(args: GenerateArgs) -> None:
     if args.batch_size < 1:
         raise LingError("--batch-size must be at least 1")
     if args.prompt is not None:
-        engine = build_engine(args, max_batch_size=1)
+        engine = build_engine(args, max_batch_size=1, decode_steps=args.sampling.max_new_tokens)
         if engine.tokenizer is None:
             raise LingError(f"{args.ckpt}: no tokenizer.json, so text prompts cannot be encoded")
         generate_one(engine, args.prompt, args.sampling, args.stream)
+        engine.record_speed()
     else:
         prompts = read_prompts(args.prompts_file, args.sampling)
-        engine = build_engine(args, max_batch_size=args.batch_size)
+        rows = min(args.batch_size, len(prompts))
+        steps = -(-len(prompts) // rows) * max(params.max_new_tokens for _, params, _ in prompts)
+        engine = build_engine(args, max_batch_size=rows, decode_steps=steps)
         if args.output is None:
             generate_many(engine, prompts, sys.stdout, args.stream)
         else:
             with atomic_file(args.output) as out:
                 generate_many(engine, prompts, out, args.stream)
             print(f"wrote {len(prompts)} results to {args.output}", file=sys.stderr)
+    engine.record_speed()
 
 
 def generate_one(engine: Engine, prompt: str, params: SamplingParams, stream: bool) -> None:

@@ -8,7 +8,8 @@ Each module is one concept — a faster way to compute one part of the model on 
 - `grad_ops`: bias and embedding gradients kept as ATen ops in a compiled CPU step;
 - `gelu`: GPT-2's GELU as one fused loop for training;
 - `prepack`: linear weights in oneDNN's blocked layout for decoding;
-- `cuda_attention`: SDPA's backend pinned on CUDA.
+- `cuda_attention`: SDPA's backend pinned on CUDA;
+- `compile_decision`: whether compiling the decode step pays for a request.
 
 The trainer calls `plan_training_kernels` then `apply_training_kernels`, the inference engine
 `plan_inference_kernels` then `apply_inference_kernels`; the plans time the candidates on the model's real shapes on the machine at hand (`probe`, cached
@@ -21,10 +22,11 @@ a module that replaces it), a test against the reference, and a candidate in `tr
 or `inference.py` so that a measurement decides when it runs.
 """
 
+from ling.kernels import compile_decision
 from ling.kernels.inference import apply_inference_kernels, plan_inference_kernels
 from ling.kernels.probe import Probe
 from ling.kernels.report import MODES, Choice, KernelReport, check_mode
 from ling.kernels.training import apply_training_kernels, plan_training_kernels
 
 __all__ = ["MODES", "Choice", "KernelReport", "Probe", "apply_inference_kernels", "apply_training_kernels",
-           "check_mode", "plan_inference_kernels", "plan_training_kernels"]
+           "check_mode", "compile_decision", "plan_inference_kernels", "plan_training_kernels"]

@@ -70,6 +70,17 @@ class Probe:
         except OSError:
             pass  # a read-only home only costs a measurement next time
 
+    def recall(self, part: str, shape: str) -> dict:
+        """What `remember` stored for `part` at `shape` on this machine ({} if nothing)."""
+        entry = self._load().get(f"{machine_key(self.device)}|{part}|{shape}")
+        return dict(entry) if isinstance(entry, dict) else {}
+
+    def remember(self, part: str, shape: str, **values) -> None:
+        """Store measurements other than a race's (e.g. how long compiling took)."""
+        key = f"{machine_key(self.device)}|{part}|{shape}"
+        self._load()[key] = {**self.recall(part, shape), **values}
+        self._save()
+
     def pick(self, part: str, shape: str, candidates: dict[str, Callable[[], object]]) -> Choice:
         """The fastest of `candidates` (name → a zero-argument call) for `part` at `shape`.
 

@@ -32,6 +32,8 @@ class Choice:
     to time: the only way that works here), or 'reference'"""
     seconds: dict[str, float] = field(default_factory=dict)
     """the measured time of one call of each candidate, the reference (the plain model's way) first"""
+    note: str = ""
+    """what to say instead of a speed-up (e.g. how long compiling took)"""
 
     @property
     def speedup(self) -> float | None:
@@ -67,7 +69,7 @@ class KernelReport:
             if c.part.startswith("linear "):
                 linears.setdefault(c.picked, []).append(c)
             else:
-                parts.append(f"{c.part}: {c.picked}" + _gain([c]))
+                parts.append(f"{c.part}: {c.picked}" + (f" ({c.note})" if c.note else _gain([c])))
         for picked, group in linears.items():
             parts.append(f"linear: {picked} for {len(group)} of {sum(map(len, linears.values()))} shapes" + _gain(group))
         return "kernels: " + " · ".join(parts)
