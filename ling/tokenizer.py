@@ -113,6 +113,9 @@ class Tokenizer:
         config = {}
         if config_file.exists():
             config = read_json(config_file)
+            if not isinstance(config, dict):
+                raise LingError(f"{config_file}: expected a JSON object of tokenizer settings, "
+                                f"got a {type(config).__name__}")
         template_file = file.parent / "chat_template.jinja"
         if template_file.exists():
             config["chat_template"] = template_file.read_text()
