@@ -197,3 +197,19 @@ def test_two_prepare_runs_into_one_output(capsys, tmp_path, monkeypatch):
 def test_body_timeout_must_be_positive(capsys, tmp_path, trained):
     assert one_error_line(capsys, ["serve", trained / "latest", "--body-timeout", "0", "--port", "0"]) == \
         "error: --body-timeout must be a positive number of seconds, got 0.0"
+
+
+def test_overwrite_replaces_only_an_artifact_of_the_same_kind(capsys, tmp_path, trained):
+    ckpt = trained / "checkpoints" / "step-2"
+    hf, ling_ckpt = tmp_path / "hf", tmp_path / "ling"
+    assert cli.main(["convert", "to-hf", str(ckpt), str(hf)]) == 0
+    assert cli.main(["convert", "to-hf", str(ckpt), str(hf), "--overwrite"]) == 0  # ling's own export
+    assert cli.main(["convert", "from-hf", str(hf), str(ling_ckpt)]) == 0
+    capsys.readouterr()
+    assert one_error_line(capsys, ["convert", "to-hf", ckpt, ling_ckpt, "--overwrite"]) == (
+        f"error: {ling_ckpt} does not hold a Hugging Face export ling wrote, so --overwrite does not replace it: "
+        "move it away or choose another path")
+    assert one_error_line(capsys, ["convert", "from-hf", hf, hf, "--overwrite"]).startswith(
+        f"error: {hf} does not hold a checkpoint ling wrote")
+    assert sorted(p.name for p in ling_ckpt.iterdir()) == ["config.json", "generation_config.json",
+                                                          "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
