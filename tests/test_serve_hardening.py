@@ -209,6 +209,14 @@ def test_a_lone_surrogate_in_a_chat_message_is_a_400(server):
     assert_openai_error(post_raw(server[0], raw, "/v1/chat/completions"), 400)
 
 
+def test_a_lone_surrogate_given_to_the_engine_is_a_clear_error(model_and_tokenizer):
+    from ling.errors import LingError
+
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(LingError, match=r"not valid Unicode: a lone surrogate '\\ud800' at character 2"):
+        Engine(model, tokenizer).add_request("hi\ud800")
+
+
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "hi", "max_tokens": True}, "max_tokens"),
     ({"prompt": "hi", "stream": "yes"}, "stream"),
