@@ -102,7 +102,8 @@ class ModelConfig:
         if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
             raise LingError(f"model.norm_eps must be a small positive number (1e-5 is usual), got {self.norm_eps}")
         if not (math.isfinite(self.rope_theta) and self.rope_theta >= 1):
-            raise LingError(f"model.rope_theta must be at least 1 (the RoPE base; 10000 is usual), got {self.rope_theta}")
+            raise LingError(f"model.rope_theta must be at least 1 (the RoPE base; 10000 is usual), "
+                            f"got {self.rope_theta}")
         if not (math.isfinite(self.init_std) and self.init_std >= 0):
             raise LingError(f"model.init_std must be a finite number >= 0 (0.02 is usual), got {self.init_std}")
         if self.context_length > MAX_CONTEXT_LENGTH:

@@ -157,7 +157,8 @@ def test_safetensors_files_get_the_usual_mode(tmp_path):
     os.umask(mask)
     expected = 0o666 & ~mask  # 0644 under the usual umask, as config.json gets
     for path in [tmp_path / "ling" / "model.safetensors", tmp_path / "hf" / "model.safetensors"]:
-        assert stat.S_IMODE(path.stat().st_mode) == expected == stat.S_IMODE((path.parent / "config.json").stat().st_mode)
+        config_mode = stat.S_IMODE((path.parent / "config.json").stat().st_mode)
+        assert stat.S_IMODE(path.stat().st_mode) == expected == config_mode
     old = os.umask(0o027)  # a stricter umask is respected too
     try:
         save_model_dir(model, None, tmp_path / "strict")

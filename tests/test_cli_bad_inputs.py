@@ -82,7 +82,8 @@ def test_an_out_that_cannot_be_a_run_directory(capsys, tmp_path, data, kind):
     out = tmp_path / "out"
     if kind == "dangling":
         out.symlink_to(tmp_path / "nowhere")
-        expected = f"error: {out}: a symlink to {tmp_path / 'nowhere'}, which does not exist; remove it or choose another --out"
+        expected = (f"error: {out}: a symlink to {tmp_path / 'nowhere'}, which does not exist; "
+                    "remove it or choose another --out")
     elif kind == "loop":
         out.symlink_to(tmp_path / "other")
         (tmp_path / "other").symlink_to(out)
@@ -152,7 +153,8 @@ def checkpoint_copy(trained, tmp_path):
 def test_a_config_json_of_random_bytes(capsys, tmp_path, trained):
     ckpt = checkpoint_copy(trained, tmp_path)
     (ckpt / "config.json").write_bytes(bytes(range(255, 0, -1)))
-    assert one_error_line(capsys, ["generate", ckpt, "--prompt", "hi"]) == f"error: {ckpt / 'config.json'}: not UTF-8 text"
+    line = one_error_line(capsys, ["generate", ckpt, "--prompt", "hi"])
+    assert line == f"error: {ckpt / 'config.json'}: not UTF-8 text"
 
 
 def test_a_tokenizer_config_that_is_a_list(capsys, tmp_path, trained):
@@ -211,5 +213,5 @@ def test_overwrite_replaces_only_an_artifact_of_the_same_kind(capsys, tmp_path, 
         "move it away or choose another path")
     assert one_error_line(capsys, ["convert", "from-hf", hf, hf, "--overwrite"]).startswith(
         f"error: {hf} does not hold a checkpoint ling wrote")
-    assert sorted(p.name for p in ling_ckpt.iterdir()) == ["config.json", "generation_config.json",
-                                                          "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in ling_ckpt.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]

@@ -189,7 +189,8 @@ class BatchSampler:
         asked for, and the rows that could not be sampled. Empty slots get a greedy token."""
         params = self.params[start : start + logits.shape[0]]
         # NaN never wins and +inf is the largest float: the softmax of a row stays finite.
-        scores = self.filtered_logits(logits, start).nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+        largest = torch.finfo(torch.float32).max
+        scores = self.filtered_logits(logits, start).nan_to_num(nan=float("-inf"), posinf=largest)
         usable = (scores > float("-inf")).any(dim=-1).tolist()
         errors = {row: "the model's scores for this sequence are not finite (NaN)"
                   for row, p in enumerate(params) if p is not None and not usable[row]}

@@ -80,7 +80,8 @@ class TrainConfig:
             raise LingError(f"train.lr must be positive, got {self.lr}")
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
-                raise LingError(f"train.{key} must be in [0, 1) (AdamW's moving-average factor), got {getattr(self, key)}")
+                raise LingError(f"train.{key} must be in [0, 1) (AdamW's moving-average factor), "
+                                f"got {getattr(self, key)}")
         if self.weight_decay < 0 or self.max_bad_steps < 0 or self.sample_tokens < 0:
             raise LingError("train.weight_decay, train.max_bad_steps and train.sample_tokens cannot be negative")
 

@@ -233,7 +233,8 @@ class Trainer:
                                               else norm.float()]).tolist()
         grad_norm = None if norm is None else norm_value
         # Under fp16 an infinite gradient norm is the scaler's business: it skips the step and lowers the scale.
-        finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm) or self.scaler is not None)
+        finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm)
+                                                or self.scaler is not None)
         if self.scaler:
             if norm is not None:
                 self._clip_gradients(norm, norm_value)
@@ -257,12 +258,15 @@ class Trainer:
         self.bad_steps += 1
         what = f"the loss is {loss}" + (f" and the gradient norm {grad_norm}" if grad_norm is not None else "")
         if self.bad_steps > self.cfg.max_bad_steps:
-            last = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved"
-            raise LingError(f"step {self.step + 1}: {what}, so training stopped without applying it ({last}); "
-                            f"lower --train.lr, check the data, or skip up to N such steps with --train.max-bad-steps N")
+            raise LingError(f"step {self.step + 1}: {what}, so training stopped without applying it "
+                            f"({self._last_saved()}); lower --train.lr, check the data, or skip up to N such "
+                            "steps with --train.max-bad-steps N")
         if self.dist.is_main:
             tqdm.write(f"warning: step {self.step + 1}: {what}; step skipped "
                        f"({self.bad_steps} of at most {self.cfg.max_bad_steps})", file=sys.stderr)
+
+    def _last_saved(self) -> str:
+        return f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved"
 
     def _clip_gradients(self, norm: torch.Tensor, value: float) -> None:
         """`clip_grad_norm_` without its own pass over every gradient (~1% of a small model's
@@ -291,9 +295,9 @@ class Trainer:
     def _evaluate_and_save(self, bar) -> None:
         val_loss = self.evaluate()
         if val_loss is not None and not math.isfinite(val_loss):
-            last = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved"
             raise LingError(f"step {self.step}: the validation loss is {val_loss}: the weights are no longer finite, "
-                            f"so they were not saved ({last}); lower --train.lr or check the model settings")
+                            f"so they were not saved ({self._last_saved()}); lower --train.lr or check the model "
+                            "settings")
         is_best = val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss)
         if is_best:
             self.best_val_loss = val_loss
