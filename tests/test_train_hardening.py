@@ -201,3 +201,19 @@ def test_temporaries_of_a_killed_run_are_cleaned_at_the_next_start(tmp_path):
     os.symlink("checkpoints/step-2", tmp_path / "run" / ".latest.tmp-999999")
     make_trainer(tmp_path / "run", max_steps=4).fit(resume="auto")
     assert not stale.exists() and not (tmp_path / "run" / ".latest.tmp-999999").is_symlink()
+
+
+def test_with_a_gradient_scaler_an_infinite_gradient_is_the_scalers_and_a_nan_loss_still_counts(tmp_path):
+    """The fp16 path (CUDA in real runs; the same GradScaler logic on CPU here)."""
+    trainer = make_trainer(tmp_path / "run", NaNLoss(3), max_bad_steps=1, grad_clip=1.0)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    overflow = [True]
+    trainer.model.embed.weight.register_hook(lambda grad: grad * float("inf") if overflow[0] else grad)
+    before = params(trainer)
+    trainer.train_step()  # an fp16-style overflow: the scaler skips the step and halves its scale
+    assert same(params(trainer), before) and trainer.bad_steps == 0 and trainer.scaler.get_scale() == 512.0
+    overflow[0] = False
+    trainer.train_step()
+    assert not same(params(trainer), before) and trainer.bad_steps == 0
+    trainer.train_step()  # step 3: a NaN loss is a bad step under the scaler too
+    assert trainer.bad_steps == 1
