@@ -27,12 +27,15 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ling.atomic import set_default_mode
 from ling.config import ModelConfig
 from ling.errors import LingError
 from ling.model import Transformer, build_model
 from ling.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRODUCER = "ling"
+"""the `producer` in the metadata of every safetensors file ling writes (how --overwrite knows its own)"""
 
 
 def clean_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -69,9 +72,27 @@ def save_model_dir(model: Transformer, tokenizer: Tokenizer | None, directory: s
     bare = unwrap(model)
     bare.cfg.save(directory / "config.json")
     tensors = {k: v.detach().contiguous().cpu() for k, v in clean_state_dict(bare).items()}
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt", "producer": "ling"})
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt", "producer": PRODUCER})
+    set_default_mode(directory / "model.safetensors")
     if tokenizer is not None:
         tokenizer.save(directory)
+
+
+def written_by_ling(directory: str | Path) -> bool:
+    """Whether a model directory (a ling checkpoint or a Hugging Face export) is one ling
+    wrote: its first safetensors file says `producer: ling` in its metadata."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        return False
+    try:
+        with open(files[0], "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 << 20:
+                return False
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, ValueError):
+        return False
+    return isinstance(header, dict) and (header.get("__metadata__") or {}).get("producer") == PRODUCER
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -80,9 +101,10 @@ def is_hf_dir(path: str | Path) -> bool:
     if not config.exists():
         return False
     try:
-        return "architectures" in json.loads(config.read_text())
-    except json.JSONDecodeError:
-        return False
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # not HF's; reading it as ling's config says what is wrong
+    return isinstance(data, dict) and "architectures" in data
 
 
 def load_checkpoint(path: str | Path, device="cpu", dtype: str | torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:

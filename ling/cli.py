@@ -142,8 +142,14 @@ def _yaml_mapping(file: str) -> dict:
     path = Path(file)
     if not path.exists():
         raise LingError(f"{file}: config file not found")
+    if path.is_dir():
+        raise LingError(f"{file}: is a directory, not a YAML config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise LingError(f"{file}: not a YAML config file (not UTF-8 text)") from None
+    except OSError as e:
+        raise LingError(f"{file}: cannot read the config file ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

@@ -10,12 +10,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 from ling.dataclass_io import closest, from_dict, to_dict
 from ling.errors import LingError, read_json
+
+
+MAX_CONTEXT_LENGTH = 1 << 24
+"""the longest context a config may ask for (16M positions; the longest open models have ~1M)"""
 
 
 @dataclass
@@ -26,6 +31,12 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_context_length: int = 8192
+
+    def __post_init__(self):
+        if not (math.isfinite(self.factor) and self.factor > 0 and math.isfinite(self.high_freq_factor)
+                and 0 < self.low_freq_factor < self.high_freq_factor and self.original_context_length > 0):
+            raise LingError(f"model.rope_scaling: factor and original_context_length must be positive and "
+                            f"0 < low_freq_factor < high_freq_factor, got {self}")
 
 
 @dataclass
@@ -82,6 +93,24 @@ class ModelConfig:
         for key in ("vocab_size", "context_length", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden"):
             if getattr(self, key) <= 0:
                 raise LingError(f"model.{key} must be positive, got {getattr(self, key)}")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Ranges outside which a model trains to NaN or cannot be built: refused up front."""
+        if not 0 <= self.dropout < 1:
+            raise LingError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
+            raise LingError(f"model.norm_eps must be a small positive number (1e-5 is usual), got {self.norm_eps}")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta >= 1):
+            raise LingError(f"model.rope_theta must be at least 1 (the RoPE base; 10000 is usual), "
+                            f"got {self.rope_theta}")
+        if not (math.isfinite(self.init_std) and self.init_std >= 0):
+            raise LingError(f"model.init_std must be a finite number >= 0 (0.02 is usual), got {self.init_std}")
+        if self.context_length > MAX_CONTEXT_LENGTH:
+            per_position = 2 * self.head_dim if self.position == "rope" else self.n_embd  # cos + sin, or a table row
+            raise LingError(
+                f"model.context_length {self.context_length:,} is more than ling supports ({MAX_CONTEXT_LENGTH:,}): "
+                f"its position tables alone would allocate {_size(self.context_length * per_position * 4)}")
 
     # ---- sizes -------------------------------------------------------------------------
     def num_params(self) -> int:
@@ -144,6 +173,13 @@ class ModelConfig:
             extra = f"; did you mean '{hint}'?" if hint else ""
             raise LingError(f"unknown model preset '{name}'{extra} (presets: {', '.join(PRESETS)})")
         return dataclasses.replace(unresolved(PRESETS[name]), **overrides)
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if nbytes < 1000 or unit == "PB":
+            return f"{nbytes:,.1f} {unit}"
+        nbytes /= 1000
 
 
 def unresolved(cfg: ModelConfig) -> ModelConfig:

@@ -24,3 +24,9 @@ def read_json(path) -> object:
         raise LingError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise LingError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except ValueError as e:  # e.g. an integer longer than Python converts
+        raise LingError(f"{path}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise LingError(f"{path}: invalid JSON (nested too deeply)") from None
+    except OSError as e:  # a directory, no permission
+        raise LingError(f"{path}: cannot be read ({e.strerror})") from None

@@ -38,6 +38,17 @@ def _token_content(value) -> str | None:
     return value
 
 
+def _not_unicode(text) -> str:
+    """Why `text` cannot be tokenized (a lone surrogate such as "\\ud800"), or '' if it can."""
+    if not isinstance(text, str):
+        return f"expected text, got {type(text).__name__}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"the text is not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start} "
+                "(half of a UTF-16 pair)")
+    return ""
+
 class Tokenizer:
     """Text ⇄ token ids, plus the special tokens and chat template a model was trained with."""
 
@@ -113,6 +124,9 @@ class Tokenizer:
         config = {}
         if config_file.exists():
             config = read_json(config_file)
+            if not isinstance(config, dict):
+                raise LingError(f"{config_file}: expected a JSON object of tokenizer settings, "
+                                f"got a {type(config).__name__}")
         template_file = file.parent / "chat_template.jinja"
         if template_file.exists():
             config["chat_template"] = template_file.read_text()
@@ -137,19 +151,28 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. `add_special_tokens` applies the tokenizer's post-processor
         (e.g. a BOS for Llama tokenizers), as transformers does by default."""
-        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        encoding = self._backend_encode(text, add_special_tokens)
         self._check_unknown(text, encoding)
         return encoding.ids
 
     def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and each token's (start, end) character span in `text` — to map text
         spans (e.g. the assistant's replies in a chat) to tokens."""
-        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        encoding = self._backend_encode(text, add_special_tokens)
         self._check_unknown(text, encoding)
         return encoding.ids, encoding.offsets
 
+    def _backend_encode(self, text: str, add_special_tokens: bool):
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens)
+        except TypeError:  # what `tokenizers` raises for a str that is not valid Unicode
+            raise LingError(_not_unicode(text)) from None
+
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        try:
+            encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        except TypeError:
+            raise LingError(next(_not_unicode(t) for t in texts if _not_unicode(t))) from None
         for text, encoding in zip(texts, encodings):
             self._check_unknown(text, encoding)
         return [e.ids for e in encodings]

@@ -254,8 +254,14 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert cli.main(["convert", "from-hf", str(tmp_path / "orig"), str(tmp_path / "out")]) == 1
-    assert "already exists and is not empty (pass --overwrite" in capsys.readouterr().err
+    assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    # --overwrite replaces a checkpoint ling wrote, not a folder of the user's.
+    assert cli.main(["convert", "from-hf", str(tmp_path / "orig"), str(tmp_path / "out"), "--overwrite"]) == 1
+    assert "does not hold a checkpoint ling wrote" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    (tmp_path / "out" / "keep.txt").unlink()
+    assert cli.main(["convert", "from-hf", str(tmp_path / "orig"), str(tmp_path / "out")]) == 0  # empty: fine
     assert cli.main(["convert", "from-hf", str(tmp_path / "orig"), str(tmp_path / "out"), "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "generation_config.json",
                                                                      "model.safetensors"]

@@ -345,10 +345,22 @@ def test_an_existing_output_is_kept_unless_overwrite(tmp_path):
     assert "error: out already exists; pass --overwrite to replace it" in proc.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.me"]
 
+    # --overwrite replaces a dataset ling prepared, never anything else.
+    proc = ling_prepare(tmp_path, "--input", "a.txt", "--output", "out", "--tokenizer", "char", "--overwrite")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: out does not hold a dataset ling wrote, so --overwrite does not replace it: "
+        "move it away or choose another path"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.me"]
+
+    (tmp_path / "out" / "keep.me").unlink()  # an empty directory is replaced as if absent
+    assert ling_prepare(tmp_path, "--input", "a.txt", "--output", "out", "--tokenizer", "char").returncode == 0
+    (tmp_path / "a.txt").write_text("newer text")
     proc = ling_prepare(tmp_path, "--input", "a.txt", "--output", "out", "--tokenizer", "char", "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "meta.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"]
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["bytes"] == len("newer text")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
@@ -374,6 +386,7 @@ def test_an_error_while_training_bpe_names_the_line(tmp_path):
 def test_overwrite_never_replaces_the_inputs(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("precious")
+    (tmp_path / "corpus" / "meta.json").write_text('{"format": "ling-dataset"}')  # even in a dataset directory
     with pytest.raises(LingError, match="holds the input"):
         run(tmp_path, [tmp_path / "corpus"], name="corpus", overwrite=True)
     assert (tmp_path / "corpus" / "a.txt").read_text() == "precious"

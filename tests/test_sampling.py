@@ -69,7 +69,7 @@ def test_penalties_change_the_logits_as_specified():
 def test_a_penalty_can_change_the_greedy_choice():
     logits = torch.tensor([[2.0, 1.9, 0.0, 0.0]])
     sampler = sampler_with(SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.5))
-    tokens, _ = sampler.sample(logits.expand(2, -1), 0)
+    tokens = sampler.sample(logits.expand(2, -1), 0).tokens
     assert tokens.tolist() == [0, 1]  # token 0 is in the prompt: the penalised row avoids it
 
 
@@ -100,7 +100,7 @@ def test_sampling_leaves_the_global_rng_alone():
 
 def test_logprobs_are_of_the_raw_distribution():
     sampler = sampler_with(SamplingParams(temperature=0, logprobs=True, top_logprobs=2, repetition_penalty=3.0))
-    tokens, records = sampler.sample(LOGITS, 0)
+    tokens, records, _ = sampler.sample(LOGITS, 0)
     record = records[0]
     assert record.token_id == int(tokens[0]) == 1  # the penalty moved the choice off token 0
     assert record.logprob == pytest.approx(math.log(0.3), abs=1e-6)

@@ -176,9 +176,16 @@ def test_a_torn_or_corrupt_checkpoint_is_skipped_with_a_warning(tmp_path, capsys
     err = capsys.readouterr().err
     assert "skipping checkpoint step-6" in err and "checksum" in err
     assert "skipping checkpoint step-4" in err and "unreadable" in err
+    # Resuming from step-2 would overwrite step-4, whose weights are intact: refused, with a way out.
+    with pytest.raises(LingError, match=r"step-4 is not a checkpoint ling can resume or replace.*"
+                                        r"start a new run from its intact weights: --init-from .*step-4"):
+        make_trainer(tmp_path, max_steps=6).fit(resume="auto")
+    assert (run.checkpoints / "step-4" / "train_state.pt").read_bytes() == b"garbage"
+    (run.checkpoints / "step-4").rename(tmp_path / "step-4-kept")
     resumed = make_trainer(tmp_path, max_steps=6)
-    resumed.fit(resume="auto")
+    resumed.fit(resume="auto")  # step-6 was ling's own (torn): replaced
     assert "resumed from" in capsys.readouterr().err and resumed.step == 6
+    assert run.newest_valid()[0].name == "step-6"
 
 
 def test_resume_auto_on_an_empty_run_starts_fresh_and_a_used_run_needs_resume(tmp_path, capsys):

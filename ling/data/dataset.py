@@ -32,6 +32,15 @@ class TokenDataset:
         return self.meta["special_ids"]["eos"]
 
 
+def is_dataset_dir(path: str | Path) -> bool:
+    """Whether `path` holds a dataset `ling prepare` wrote (its meta.json says so)."""
+    try:
+        meta = read_json(Path(path) / "meta.json")
+    except LingError:
+        return False
+    return isinstance(meta, dict) and meta.get("format") == "ling-dataset"
+
+
 def open_dataset(path: str | Path) -> TokenDataset:
     """Open `path` (a directory from `ling prepare`) for reading."""
     path = Path(path)

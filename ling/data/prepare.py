@@ -29,7 +29,8 @@ import numpy as np
 from tqdm import tqdm
 
 import ling
-from ling.atomic import atomic_dir
+from ling.atomic import atomic_dir, check_output_dir
+from ling.data.dataset import is_dataset_dir
 from ling.data.sources import Piece, Source, read_pieces, resolve_inputs
 from ling.errors import LingError
 from ling.tokenizer import Tokenizer
@@ -65,7 +66,7 @@ class PrepareArgs:
     builtin: bool = False
     """add the builtin corpus: the English documentation topics shipped inside CPython (no download)"""
     overwrite: bool = False
-    """replace OUTPUT if it exists (only once the new dataset is complete)"""
+    """replace OUTPUT if it holds a dataset ling prepared (swapped once the new one is complete)"""
     chunk_size: int = 1 << 22
     """characters read and tokenized per batch: bounds memory (about 50 bytes per character at peak)"""
 
@@ -74,9 +75,7 @@ def prepare(args: PrepareArgs) -> dict:
     """Write the dataset directory `args.output`; returns the summary it prints."""
     started = time.perf_counter()
     _check_args(args)
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise LingError(f"{output} already exists; pass --overwrite to replace it")
+    output = check_output_dir(args.output, args.overwrite, is_dataset_dir, "a dataset")
     given = None if args.tokenizer in ("char", "bpe") else _load_tokenizer(args.tokenizer)
     sources = resolve_inputs(args.input, args.builtin)
     for source in sources:  # --overwrite must never replace the corpus itself

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ling.checkpoint import SafetensorsFiles, load_tensors, resolve_dtype
+from ling.atomic import set_default_mode
+from ling.checkpoint import PRODUCER, SafetensorsFiles, load_tensors, resolve_dtype
 from ling.config import ModelConfig
 from ling.errors import LingError, read_json
 from ling.hf import gpt2, llama, mistral, qwen2, qwen3
@@ -184,7 +185,8 @@ def save_hf_dir(model: Transformer, tokenizer: Tokenizer | None, directory: str 
         # One contiguous copy per tensor: safetensors refuses tensors that share memory (q/k/v
         # are views of one fused tensor), and the copies live only while their shard is written.
         tensors = {name: t.detach().cpu().clone(memory_format=torch.contiguous_format) for name, t in shard}
-        save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        save_file(tensors, str(directory / file), metadata={"format": "pt", "producer": PRODUCER})
+        set_default_mode(directory / file)
         index.update({name: file for name, _ in shard})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for shard in shards for _, t in shard)

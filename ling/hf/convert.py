@@ -14,8 +14,8 @@ from typing import Annotated, Literal, Optional
 
 import tyro
 
-from ling.atomic import atomic_dir
-from ling.checkpoint import load_checkpoint, save_model_dir
+from ling.atomic import atomic_dir, check_output_dir
+from ling.checkpoint import is_hf_dir, load_checkpoint, save_model_dir, written_by_ling
 from ling.errors import LingError, read_json
 from ling.hf.checkpoint import DEFAULT_MAX_SHARD_SIZE, load_hf_checkpoint, save_hf_dir
 
@@ -34,7 +34,7 @@ class FromHFArgs:
     dtype: Optional[Literal["bf16", "fp16", "fp32"]] = None
     """dtype of the written weights (default: as stored)"""
     overwrite: bool = False
-    """replace OUT_DIR if it exists"""
+    """replace OUT_DIR if it holds a ling checkpoint (swapped once the new one is complete)"""
 
 
 @dataclass
@@ -50,16 +50,15 @@ class ToHFArgs:
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE
     """weights above this size are split into shards + model.safetensors.index.json"""
     overwrite: bool = False
-    """replace OUT_DIR if it exists"""
+    """replace OUT_DIR if it holds a Hugging Face export ling wrote (swapped once the new one is complete)"""
 
 
-def _check_out_dir(out_dir: str, overwrite: bool) -> Path:
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LingError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LingError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
-    return out
+def _ling_checkpoint(path: Path) -> bool:
+    return written_by_ling(path) and not is_hf_dir(path)
+
+
+def _ling_hf_export(path: Path) -> bool:
+    return written_by_ling(path) and is_hf_dir(path)
 
 
 def _size_text(nbytes: int) -> str:
@@ -72,7 +71,7 @@ def _weights_bytes(model) -> int:
 
 def from_hf(args: FromHFArgs) -> None:
     start = time.perf_counter()
-    out = _check_out_dir(args.out_dir, args.overwrite)
+    out = check_output_dir(args.out_dir, args.overwrite, _ling_checkpoint, "a checkpoint")
     source = Path(args.hf_dir)
     if not source.is_dir():
         raise LingError(f"{source}: no such directory")
@@ -91,7 +90,7 @@ def from_hf(args: FromHFArgs) -> None:
 
 def to_hf(args: ToHFArgs) -> None:
     start = time.perf_counter()
-    out = _check_out_dir(args.out_dir, args.overwrite)
+    out = check_output_dir(args.out_dir, args.overwrite, _ling_hf_export, "a Hugging Face export")
     model, tokenizer = load_checkpoint(args.ckpt_dir, dtype=args.dtype)
     generation_file = Path(args.ckpt_dir) / GENERATION_CONFIG
     generation = read_json(generation_file) if generation_file.exists() else None

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ling.atomic import set_default_mode
 from ling.hf.checkpoint import export_family
 from ling.model import Transformer
 from ling.train.lora import LoRAConfig, LoRALinear, token_rows
@@ -83,6 +84,7 @@ def save_peft_adapter(model: Transformer, config: LoRAConfig, directory: str | P
     tensors, fields = peft_tensors(model, config)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(directory / PEFT_WEIGHTS),
               metadata={"format": "pt"})
+    set_default_mode(directory / PEFT_WEIGHTS)
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

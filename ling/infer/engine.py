@@ -33,6 +33,11 @@ with frozen weights and its C++ wrapper) takes seconds to tens of seconds to com
 is opt-in: worth it for a server or a long batch job, not for one prompt (see
 BENCHMARKS.md, section Inference).
 
+A request's own failure (its scores are not finite, its first tokens cannot be set up,
+its text cannot be decoded) ends that request alone, with finish_reason "error" and the
+reason in `Delta.error`; the others in the batch go on as if nothing happened. Only a
+failure of the shared decode step itself raises from `step`.
+
 Threading: `add_request` and `abort` may be called from any thread; `step` (and therefore
 `generate` / `stream`) from one thread at a time.
 """
@@ -71,7 +76,9 @@ class Delta:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     """None while running; then 'stop' (stop token or string), 'length' (max_new_tokens or
-    the context is full) or 'abort'"""
+    the context is full), 'abort' or 'error'"""
+    error: str | None = None
+    """why this request failed (finish_reason 'error'); the rest of the batch is unaffected"""
 
 
 @dataclass
@@ -83,6 +90,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: str | None = None
 
     @classmethod
     def from_deltas(cls, deltas: list[Delta], prompt_tokens: int) -> "Completion":
@@ -92,6 +100,7 @@ class Completion:
             finish_reason=deltas[-1].finish_reason,
             prompt_tokens=prompt_tokens,
             logprobs=[x for d in deltas for x in d.logprobs],
+            error=deltas[-1].error,
         )
 
 
@@ -303,10 +312,17 @@ class Engine:
                 break
             request.slot = slot
             self._slots[slot] = request
-            self.sampler.set_slot(slot, request.params, request.prompt_ids)
+            try:
+                self.sampler.set_slot(slot, request.params, request.prompt_ids)
+            except Exception as e:  # e.g. a parameter the sampler's tensors cannot hold
+                deltas.append(self._fail(request, e))
+                continue
             admitted.append(request)
         for group in _prefill_groups(admitted):
-            deltas += self._prefill(group)
+            try:
+                deltas += self._prefill(group)
+            except Exception as e:  # these prompts only (e.g. out of memory for a long one)
+                deltas += [self._fail(r, e) for r in group if self._slots[r.slot] is r]
         return deltas
 
     def _prefill(self, group: list[_Request]) -> list[Delta]:
@@ -317,7 +333,7 @@ class Engine:
         logits = self._prefill_cache(start, prompts)
         if self.draft is not None:
             self.draft._prefill_cache(start, prompts)
-        next_ids, records = self.sampler.sample(logits, start)
+        next_ids, records, errors = self.sampler.sample(logits, start)
         self.sampler.observe(start, next_ids)
         rows = slice(start, start + len(group))
         self._tokens[rows, 0] = next_ids
@@ -326,7 +342,7 @@ class Engine:
         deltas = []
         for r, token, record in zip(group, next_ids.tolist(), records):
             r.position = len(r.prompt_ids)
-            deltas.append(self._accept(r, token, record))
+            deltas.append(self._accept(r, token, record, errors.get(r.slot - start)))
         return deltas
 
     def _prefill_cache(self, start: int, prompts: list[list[int]]) -> torch.Tensor:
@@ -352,7 +368,7 @@ class Engine:
         self.cache.kv_len = max(r.position for r in running) + 1
         with self._compile_config():
             logits = self._decode_model(self._tokens[:hi], self._positions[:hi], cache=self.cache)[:, -1]
-        next_ids, records = self.sampler.sample(logits, 0)
+        next_ids, records, errors = self.sampler.sample(logits, 0)
         self.sampler.observe(0, next_ids)
         self._tokens[:hi, 0] = next_ids
         self._positions[:hi] += self._live[:hi]
@@ -363,7 +379,7 @@ class Engine:
         deltas = []
         for r in running:
             r.position += 1
-            deltas.append(self._accept(r, ids[r.slot], records[r.slot]))
+            deltas.append(self._accept(r, ids[r.slot], records[r.slot], errors.get(r.slot)))
         return deltas
 
     def _speculate(self, running: list[_Request]) -> list[Delta]:
@@ -412,8 +428,24 @@ class Engine:
                     break
         return deltas
 
-    def _accept(self, r: _Request, token: int, record: TokenLogprob | None) -> Delta:
-        """Append a sampled token to its request: text, stop checks, and maybe finish."""
+    def _accept(self, r: _Request, token: int, record: TokenLogprob | None, error: str | None = None) -> Delta:
+        """Append a sampled token to its request: text, stop checks, and maybe finish (or
+        fail the request alone, if its token could not be sampled or its text decoded)."""
+        if error is not None:
+            return self._fail(r, error)
+        try:
+            return self._append(r, token, record)
+        except Exception as e:
+            return self._fail(r, e)
+
+    def _fail(self, r: _Request, error: Exception | str) -> Delta:
+        """End one request with finish_reason 'error', freeing its slot."""
+        if self._slots[r.slot] is r:
+            self._release(r)
+        message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        return Delta(r.id, [], "", finish_reason="error", error=message)
+
+    def _append(self, r: _Request, token: int, record: TokenLogprob | None) -> Delta:
         r.output_ids.append(token)
         finish = None
         if token in r.stop_ids:

@@ -13,6 +13,12 @@ of transformers and vLLM, in this order:
 4. a draw from what is left, with the row's own `torch.Generator`: the same seed gives
    the same tokens whatever else is in the batch.
 
+Every admitted value is safe in float32: a temperature below `MIN_TEMPERATURE` is greedy
+decoding and a top_p below `MIN_TOP_P` keeps the top token only (either would underflow to 0
+in the per-row tensors and turn the scores into NaN), top-p always keeps the most likely
+token, and a row whose scores are not finite is reported as that row's error rather than
+raised, so one request's problem never ends the others in its batch.
+
 Log-probabilities, when asked for, are those of the model's raw distribution (before
 penalties and filters), as OpenAI's API reports them.
 """
@@ -22,10 +28,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from ling.errors import LingError
+
+MIN_TEMPERATURE = 1e-5
+"""temperatures below this are greedy decoding (as vLLM's _SAMPLING_EPS)"""
+MIN_TOP_P = 1e-5
+"""top_p below this keeps only the most likely token"""
 
 
 @dataclass
@@ -63,20 +75,26 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
-        checks = [
+        checks = [  # comparisons with NaN are False: NaN fails every range check
             (self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
-            (self.temperature >= 0 and math.isfinite(self.temperature), "temperature must be >= 0"),
+            (self.temperature >= 0 and math.isfinite(self.temperature), "temperature must be >= 0 and finite"),
             (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
+            (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
+             "repetition_penalty must be > 0 and finite (1 = off)"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]"),
+            (self.seed is None or -(2**63) <= self.seed < 2**64, "seed must fit in 64 bits"),
         ]
         for ok, message in checks:
             if not ok:
                 raise LingError(f"invalid sampling parameter: {message}")
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
+        if self.top_p < MIN_TOP_P:
+            self.top_k = 1
 
     @property
     def greedy(self) -> bool:
@@ -99,6 +117,17 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Sampled(NamedTuple):
+    """What `BatchSampler.sample` gives for n rows."""
+
+    tokens: torch.Tensor
+    """(n,) next token per row"""
+    records: list[TokenLogprob | None]
+    """per row, the logprob record if that row asked for one"""
+    errors: dict[int, str]
+    """rows that could not be sampled (their scores are not finite), with why"""
 
 
 class BatchSampler:
@@ -130,7 +159,7 @@ class BatchSampler:
         generator.manual_seed(params.seed if params.seed is not None else random_seed())
         self.generators[slot] = generator
         self.temperature[slot] = params.temperature if not params.greedy else 1.0
-        self.top_k[slot] = params.top_k
+        self.top_k[slot] = min(params.top_k, self.vocab_size)
         self.top_p[slot], self.min_p[slot] = params.top_p, params.min_p
         self.repetition[slot] = params.repetition_penalty
         self.presence[slot], self.frequency[slot] = params.presence_penalty, params.frequency_penalty
@@ -155,13 +184,18 @@ class BatchSampler:
         self.seen[rows, tokens] = True
 
     # ---- sampling ----------------------------------------------------------------------
-    def sample(self, logits: torch.Tensor, start: int) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
-        """Next tokens (n,) for slots start..start+n from their logits (n, V); and per row
-        the logprob record if that row asked for one. Empty slots get a greedy token."""
+    def sample(self, logits: torch.Tensor, start: int) -> Sampled:
+        """Next tokens for slots start..start+n from their logits (n, V), the logprob records
+        asked for, and the rows that could not be sampled. Empty slots get a greedy token."""
         params = self.params[start : start + logits.shape[0]]
-        scores = self.filtered_logits(logits, start)
+        # NaN never wins and +inf is the largest float: the softmax of a row stays finite.
+        largest = torch.finfo(torch.float32).max
+        scores = self.filtered_logits(logits, start).nan_to_num(nan=float("-inf"), posinf=largest)
+        usable = (scores > float("-inf")).any(dim=-1).tolist()
+        errors = {row: "the model's scores for this sequence are not finite (NaN)"
+                  for row, p in enumerate(params) if p is not None and not usable[row]}
         tokens = scores.argmax(dim=-1)
-        sampled = [row for row, p in enumerate(params) if p is not None and not p.greedy]
+        sampled = [row for row, p in enumerate(params) if p is not None and not p.greedy and row not in errors]
         if sampled:
             probs = scores.softmax(dim=-1)
             for row in sampled:
@@ -169,7 +203,7 @@ class BatchSampler:
         records: list[TokenLogprob | None] = [None] * len(params)
         if any(p is not None and (p.logprobs or p.top_logprobs) for p in params):
             records = self._logprobs(logits.float(), tokens, params)
-        return tokens, records
+        return Sampled(tokens, records, errors)
 
     def filtered_logits(self, logits: torch.Tensor, start: int) -> torch.Tensor:
         """The logits rows start.. sample from: penalised, divided by the temperature, with the
@@ -195,6 +229,7 @@ class BatchSampler:
             sorted_probs = sorted_scores.softmax(dim=-1)
             # Drop a token when the tokens ranked above it already reach top_p.
             drop = (sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p) & (top_p < 1)
+            drop[:, 0] = False  # the most likely token always stays
             scores = scores.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
         if any(p.min_p > 0 for p in live):
             # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)

@@ -3,6 +3,12 @@
 Requests keep OpenAI's rules: unknown fields are ignored; a value outside its range is an
 HTTP 400 whose body is OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`,
 with `param` naming the offending field, so every OpenAI client reports it properly.
+
+Bodies are parsed by pydantic's own JSON parser in strict mode, straight from the bytes:
+types are exact (`max_tokens: true`, `stream: "yes"`, `prompt: [[false]]` are errors, not
+1, True and [[0]]), numbers are finite, and what Python's `json` would turn into a 500 —
+100k-deep nesting, a 5,000-digit integer, a lone surrogate `"\ud800"` — is invalid JSON
+(400) before any of it reaches the tokenizer.
 """
 
 from __future__ import annotations
@@ -37,13 +43,29 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+UNION_TYPES = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "content": "a string, a list of text parts ({\"type\": \"text\", \"text\": ...}) or null",
+}
+"""What a field of several accepted types may be (pydantic would name only the first type)."""
+
+
 def validation_error(e: ValidationError) -> APIError:
     """The first pydantic error as an OpenAI 400 naming the field (e.g. `messages.0.role`)."""
     first = e.errors()[0]
+    if first["type"] == "json_invalid":
+        reason = first["msg"].removeprefix("Invalid JSON: ")
+        return APIError(400, f"the request body is not valid JSON ({reason})", code="invalid_json")
+    if first["type"] == "model_type" and not first["loc"]:
+        return APIError(400, "the request body must be a JSON object")
     # Union members appear in the location as type tags ('str', 'list[int]'): not field names.
+    tagged = any(isinstance(part, str) and _TYPE_TAG.match(part) for part in first["loc"])
     loc = [str(part) for part in first["loc"] if isinstance(part, int) or not _TYPE_TAG.match(part)]
     param = ".".join(loc) or None
     message = first["msg"].removeprefix("Value error, ")
+    union = UNION_TYPES.get(loc[-1]) if tagged and loc and loc[-1] in UNION_TYPES else None
+    if union is not None and first["type"].endswith("_type"):
+        message = f"must be {union}"
     return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
 
 
@@ -55,7 +77,7 @@ class StreamOptions(BaseModel):
 class _Request(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -170,13 +192,25 @@ class CompletionRequest(_Request):
         return self.logprobs
 
 
-def parse_request(cls: type[_Request], body) -> _Request:
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
+def parse_request(cls: type[_Request], body: bytes) -> _Request:
+    """The request in `body` (JSON bytes), strictly typed; an `APIError` 400 otherwise."""
     try:
-        return cls.model_validate(body)
+        return cls.model_validate_json(body, strict=True)
     except ValidationError as e:
         raise validation_error(e) from None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: every 4xx and 5xx answer of the server has this shape."""
+
+    error: ErrorDetail
 
 
 # ---- responses --------------------------------------------------------------------------

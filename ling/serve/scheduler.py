@@ -9,6 +9,11 @@ bounded queue (`QueueFull` → HTTP 503), per-request event streams for the asyn
 (handed over with one `loop.call_soon_threadsafe` per step, so the event loop never waits on
 the model and wakes once per step, not once per token),
 cancellation when a client goes away, and the metrics.
+
+Failures: the engine ends a request whose own step fails (finish_reason "error") and the
+batch goes on, so that request alone gets an error event. Only when the shared decode step
+itself raises are all the requests in flight failed (`_fail_all`): there is no telling then
+whose they were.
 """
 
 from __future__ import annotations
@@ -212,6 +217,10 @@ class Scheduler:
             with self._wake:
                 del self.handles[handle.request_id]
             self.metrics.finished.labels(reason=delta.finish_reason).inc()
+            if delta.error is not None:
+                log.error("sequence %s failed: %s", handle.request_id, delta.error)
+                return Event("", finish_reason=None, completion_tokens=handle.generated,
+                             error=f"generation failed: {delta.error}")
         return Event(delta.text, delta.logprobs, delta.finish_reason, handle.generated)
 
     @staticmethod

@@ -8,6 +8,7 @@ left is cancelled — streams still end properly (finish_reason "abort", then `[
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 import time
@@ -40,6 +41,8 @@ class ServeArgs:
     """sequences that may wait for a row; beyond that, requests get 503 + Retry-After"""
     max_body_bytes: int = 1 << 20
     """largest request body accepted (413 beyond)"""
+    body_timeout: float = 30.0
+    """seconds a client may take to send its request body (408 beyond)"""
     model_name: Optional[str] = None
     """the model id clients send and /v1/models lists (default: the checkpoint directory's name)"""
     device: str = "auto"
@@ -70,6 +73,10 @@ def build_state(args: ServeArgs):
     for name in ("max_batch_size", "max_queue", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise LingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.body_timeout) and args.body_timeout > 0):
+        raise LingError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout}")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+        raise LingError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     device = pick_device(args.device)
     dtype = args.dtype or pick_precision("auto", device)
     engine = Engine(args.ckpt, device=device, dtype=dtype, max_batch_size=args.max_batch_size,
@@ -90,7 +97,8 @@ def build_state(args: ServeArgs):
     return ServerState(model_name=args.model_name or Path(args.ckpt).resolve().name, tokenizer=engine.tokenizer,
                        scheduler=Scheduler(engine, args.max_queue, metrics), metrics=metrics,
                        max_model_len=engine.max_len, vocab_size=engine.cfg.vocab_size, api_key=api_key,
-                       max_body_bytes=args.max_body_bytes, created=int(time.time()), kernels=engine.kernels)
+                       max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout, created=int(time.time()),
+                       kernels=engine.kernels)
 
 
 def make_server(state, shutdown_timeout: float, log_level: str = "info"):

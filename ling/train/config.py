@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from ling.errors import LingError
@@ -57,8 +58,15 @@ class TrainConfig:
     """stop (evaluate, save) after this many minutes of training; 0 = no limit"""
     sample_tokens: int = 0
     """generate this many tokens of sample text at every evaluation (0 = none)"""
+    max_bad_steps: int = 0
+    """steps with a non-finite loss or gradient norm that are skipped (no update) before the run
+    stops with an error naming the step; 0 = stop at the first one"""
 
     def __post_init__(self):
+        for f in fields(self):  # inf / nan hyper-parameters would train to NaN
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise LingError(f"train.{f.name} must be a finite number, got {value}")
         for key in ("max_steps", "batch_tokens", "micro_batch", "eval_every", "eval_batches", "log_every", "keep_last"):
             if getattr(self, key) <= 0:
                 raise LingError(f"train.{key} must be positive, got {getattr(self, key)}")
@@ -68,6 +76,14 @@ class TrainConfig:
             raise LingError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.warmup_steps < 0 or self.time_limit < 0 or self.grad_clip < 0:
             raise LingError("train.warmup_steps, train.time_limit and train.grad_clip cannot be negative")
+        if self.lr <= 0:
+            raise LingError(f"train.lr must be positive, got {self.lr}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise LingError(f"train.{key} must be in [0, 1) (AdamW's moving-average factor), "
+                                f"got {getattr(self, key)}")
+        if self.weight_decay < 0 or self.max_bad_steps < 0 or self.sample_tokens < 0:
+            raise LingError("train.weight_decay, train.max_bad_steps and train.sample_tokens cannot be negative")
 
     def accumulation(self, seq_len: int, world_size: int) -> int:
         """Micro-batches per process per optimizer step, so that the global batch is batch_tokens."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ling.atomic import set_default_mode
 from ling.errors import LingError
 from ling.model import Transformer
 
@@ -53,6 +54,7 @@ def save_head(model: SequenceClassifier, directory: str | Path) -> None:
     """Write head.json and head.safetensors (the body is saved as a checkpoint or adapter beside them)."""
     directory = Path(directory)
     save_file({"score.weight": model.score.weight.detach().float().contiguous().cpu()}, str(directory / HEAD_WEIGHTS))
+    set_default_mode(directory / HEAD_WEIGHTS)
     (directory / HEAD_CONFIG).write_text(json.dumps({"task": "classification", "labels": model.labels}, indent=2) + "\n")
 
 

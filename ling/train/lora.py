@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 
+from ling.atomic import set_default_mode
 from ling.config import ModelConfig
 from ling.dataclass_io import from_dict, to_dict
 from ling.errors import LingError
@@ -261,6 +262,7 @@ def save_adapter(model: Transformer, config: LoRAConfig, directory: str | Path, 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt", "producer": "ling"})
+    set_default_mode(directory / ADAPTER_WEIGHTS)
     info = {"base": str(base), "lora": to_dict(config), "vocab_size": model.cfg.vocab_size,
             "train_token_ids": list(train_token_ids)}
     (directory / ADAPTER_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
@@ -315,18 +317,18 @@ class MergeArgs:
     dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None
     """dtype of the merged weights (default: the base's)"""
     overwrite: bool = False
-    """replace `out` if it exists"""
+    """replace `out` if it holds a ling checkpoint (swapped once the merged one is complete)"""
 
 
 def merge(args: MergeArgs) -> None:
-    from ling.atomic import atomic_dir
-    from ling.checkpoint import save_model_dir
+    from ling.atomic import atomic_dir, check_output_dir
+    from ling.checkpoint import is_hf_dir, save_model_dir, written_by_ling
     from ling.train.heads import HEAD_CONFIG, HEAD_WEIGHTS
 
     if not is_adapter_dir(args.adapter):
         raise LingError(f"{args.adapter}: no {ADAPTER_CONFIG} here — give the output directory of a LoRA run")
-    if Path(args.out).exists() and not args.overwrite:
-        raise LingError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    check_output_dir(args.out, args.overwrite, lambda path: written_by_ling(path) and not is_hf_dir(path),
+                     "a checkpoint")
     model, tokenizer = load_with_adapter(args.adapter, args.base, dtype=args.dtype)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         save_model_dir(model, tokenizer, tmp)

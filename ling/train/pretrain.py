@@ -19,6 +19,7 @@ from ling.kernels import check_mode
 from ling.model import build_model
 from ling.train import distributed
 from ling.train.config import TrainConfig
+from ling.train.checkpointing import load_model_weights
 from ling.train.trainer import Trainer, TrainResult
 
 
@@ -37,6 +38,10 @@ class PretrainArgs:
     resume: Optional[str] = None
     """'auto' = continue from the newest complete checkpoint in --out (or start fresh if there is
     none); or the path of a checkpoint directory"""
+    init_from: Optional[str] = None
+    """start from the weights of this checkpoint directory (same --model settings), with a fresh
+    optimizer at step 0 — e.g. a checkpoint whose train_state.pt is lost; ignored when --resume
+    continues a checkpoint"""
     device: str = "auto"
     """auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"""
     kernels: str = "auto"
@@ -71,6 +76,8 @@ def run_pretraining(args: PretrainArgs, show_summary: bool = True) -> TrainResul
 
         torch.manual_seed(args.train.seed)  # the same initial weights in every process
         model = build_model(model_cfg, device=device)
+        if args.init_from is not None:
+            load_model_weights(model, Path(args.init_from))
         sampler = PretrainSampler(data.train, seq_len, args.train.micro_batch, accumulation,
                                   dist.rank, dist.world_size, seed=args.train.seed)
         val = validation_batches(data.val, seq_len, args.train.micro_batch, args.train.eval_batches,
@@ -80,6 +87,8 @@ def run_pretraining(args: PretrainArgs, show_summary: bool = True) -> TrainResul
             tokenizer=data.tokenizer, dist=dist,
             flops_per_token=model_cfg.flops_per_token(seq_len), config=to_dict(resolved),
             resume_hint=f"ling pretrain --config {Path(args.out) / 'config.yaml'} --resume auto", kernels=args.kernels,
+            init_hint=lambda path: f"ling pretrain --config {Path(args.out) / 'config.yaml'} --init-from {path} "
+                                   "--out NEW_DIR",
             sample_prompt=[int(t) for t in data.val[: min(16, seq_len // 2)]],
         )
         if dist.is_main:

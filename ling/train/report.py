@@ -9,6 +9,7 @@ by the run that was interrupted) are dropped, so the file reads as one uninterru
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ling.atomic import atomic_file
@@ -44,7 +45,9 @@ class MetricsLog:
         if not self.enabled:
             return
         self.records.append(record)
-        with open(self.path, "a") as f:
+        # O_NOFOLLOW: a symlink planted at metrics.jsonl is an error, not a way to write elsewhere.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
             prefix = record.get("kind", "train")

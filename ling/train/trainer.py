@@ -10,10 +10,17 @@ Everything else — mixed precision, gradient accumulation, DDP, clipping, sched
 evaluation, checkpoints with exact resume, Ctrl-C, metrics and the progress bar — is here
 once. The loss of a step is the mean over every counted position of the global batch
 (all micro-batches of all processes), so accumulation and world size do not change it.
+
+A run never ends silently in NaN: a step whose loss or gradient norm is not finite makes no
+update and, beyond `max_bad_steps` such steps, stops the run with an error naming it; a
+validation loss that is not finite stops it too, before that model is saved (so a
+non-finite checkpoint is never `latest` or `best`). The run directory has one writer: the
+trainer holds its lock (see `RunDir.open`) from construction to the end of `fit`.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -37,8 +44,8 @@ from ling.kernels import KernelReport, apply_training_kernels, plan_training_ker
 from ling.model import Transformer, autocast_context
 from ling.train import distributed
 from ling.train.allocator import reuse_freed_memory
-from ling.train.checkpointing import (RunDir, load_model_weights, read_train_state, rng_state, seed_everything,
-                                      set_rng_state)
+from ling.train.checkpointing import (RunDir, intact_weights, load_model_weights, read_train_state, rng_state,
+                                      seed_everything, set_rng_state)
 from ling.train.config import TrainConfig
 from ling.train.distributed import Dist
 from ling.train.metrics import Throughput, mfu, peak_flops
@@ -99,6 +106,7 @@ class Trainer:
                  loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_loss,
                  save_weights: Callable = save_model_dir, load_weights: Callable = load_model_weights,
                  config: dict | None = None, resume_hint: str = "--resume auto",
+                 init_hint: Callable[[Path], str] = lambda path: f"--init-from {path}",
                  sample_prompt: list[int] | None = None, on_eval: Callable[[int], dict] | None = None,
                  kernels: str = "auto"):
         self.cfg, self.batches, self.val_batches = cfg, batches, val_batches
@@ -106,12 +114,17 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.loss_fn, self.save_weights, self.load_weights = loss_fn, save_weights, load_weights
         self.config, self.resume_hint, self.sample_prompt = config, resume_hint, sample_prompt
+        self.init_hint = init_hint
+        """the command that starts a new run from a checkpoint's weights (offered when its
+        train state is unreadable)"""
         self.on_eval = on_eval
         """called on the main process after each evaluation with the step; the metrics it returns
         join that evaluation's metrics.jsonl line (e.g. a fine-tuning run's accuracy)"""
         if device.type == "cpu":
             reuse_freed_memory()
         self.run = RunDir(run_dir)
+        if dist.is_main:  # before anything is written there
+            self.run.open()
         self.model = model  # bare: what is saved, loaded and sampled from
         model.to(device)
         for module in model.modules():  # the Transformer, also inside a fine-tuning wrapper
@@ -129,6 +142,8 @@ class Trainer:
         self.metrics = MetricsLog(run_dir, enabled=dist.is_main)
         self.peak = peak_flops(device, precision)
         self.step, self.tokens_seen = 0, 0
+        self.bad_steps = 0
+        """steps skipped for a non-finite loss or gradient norm (see TrainConfig.max_bad_steps)"""
         self.best_val_loss: float | None = None
         self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
@@ -150,7 +165,11 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------
     def fit(self, resume: str | None = None) -> TrainResult:
         cfg = self.cfg
-        self._start(resume)
+        try:
+            self._start(resume)
+        except BaseException:
+            self.run.close()
+            raise
         self.metrics.write({"kind": "kernels", "step": self.step, **self.kernels.to_dict()})
         meter = Throughput()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
@@ -188,6 +207,7 @@ class Trainer:
             self._restore_signals(handlers)
             bar.close()
             self.metrics.close()
+            self.run.close()
         # Every rank leaves together: a rank that tore down the process group while rank 0
         # still wrote the last checkpoint and report could abort at exit.
         distributed.barrier(self.dist)
@@ -222,36 +242,62 @@ class Trainer:
                 scaled = loss * scale
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
-        grad_norm = None
+        mean_loss = distributed.all_reduce_sum(loss_sum, self.dist) / n_targets
+        norm = None
         if self.cfg.grad_clip > 0:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            grad_norm = self._clip_gradients()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        # One wait for the device gives both checks (the same values on every process).
+        loss_value, norm_value = torch.stack([mean_loss.float(), mean_loss.new_zeros(()) if norm is None
+                                              else norm.float()]).tolist()
+        grad_norm = None if norm is None else norm_value
+        # Under fp16 an infinite gradient norm is the scaler's business: it skips the step and lowers the scale.
+        finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm)
+                                                or self.scaler is not None)
         if self.scaler:
+            if norm is not None:
+                self._clip_gradients(norm, norm_value)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif finite:
+            if norm is not None:
+                self._clip_gradients(norm, norm_value)
             self.optimizer.step()
             self.optimizer.grad_scale = None  # a clip factor is for this step only
         self.optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            self._bad_step(loss_value, grad_norm)
         self.step += 1
         self.tokens_seen += int(n_tokens)
-        mean_loss = distributed.all_reduce_sum(loss_sum, self.dist) / n_targets
         return StepResult(loss=mean_loss, grad_norm=grad_norm, lr=lr, tokens=int(n_tokens))
 
-    def _clip_gradients(self) -> float:
+    def _bad_step(self, loss: float, grad_norm: float | None) -> None:
+        """A step with a non-finite loss or gradient norm made no update: allowed up to
+        max_bad_steps times, then the run stops, naming the step."""
+        self.bad_steps += 1
+        what = f"the loss is {loss}" + (f" and the gradient norm {grad_norm}" if grad_norm is not None else "")
+        if self.bad_steps > self.cfg.max_bad_steps:
+            raise LingError(f"step {self.step + 1}: {what}, so training stopped without applying it "
+                            f"({self._last_saved()}); lower --train.lr, check the data, or skip up to N such "
+                            "steps with --train.max-bad-steps N")
+        if self.dist.is_main:
+            tqdm.write(f"warning: step {self.step + 1}: {what}; step skipped "
+                       f"({self.bad_steps} of at most {self.cfg.max_bad_steps})", file=sys.stderr)
+
+    def _last_saved(self) -> str:
+        return f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved"
+
+    def _clip_gradients(self, norm: torch.Tensor, value: float) -> None:
         """`clip_grad_norm_` without its own pass over every gradient (~1% of a small model's
         CPU step): gradients within the limit are left alone, and a fused AdamW scales the
         others as it reads them, through the `grad_scale` it takes from a `GradScaler` (it
         divides by it, and stores the scaled gradients back)."""
-        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        value = float(norm)
         if value + 1e-6 > self.cfg.grad_clip:  # clip_grad_norm_'s scale max / (norm + 1e-6) < 1
             if self.optimizer.defaults.get("fused") and self.scaler is None:
                 self.optimizer.grad_scale = (norm.float() + 1e-6) / self.cfg.grad_clip
             else:
                 torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.grad_clip, norm)
-        return value
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -268,6 +314,10 @@ class Trainer:
 
     def _evaluate_and_save(self, bar) -> None:
         val_loss = self.evaluate()
+        if val_loss is not None and not math.isfinite(val_loss):
+            raise LingError(f"step {self.step}: the validation loss is {val_loss}: the weights are no longer finite, "
+                            f"so they were not saved ({self._last_saved()}); lower --train.lr or check the model "
+                            "settings")
         is_best = val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss)
         if is_best:
             self.best_val_loss = val_loss
@@ -309,7 +359,7 @@ class Trainer:
                 "sampler": self.batches.state_dict(),
                 "rng": rng, "world_size": self.dist.world_size,
                 "best_val_loss": self.best_val_loss, "last_val_loss": self.last_val_loss,
-                "train_config": to_dict(self.cfg),
+                "bad_steps": self.bad_steps, "train_config": to_dict(self.cfg),
             }
             self.last_checkpoint = self.run.save(
                 self.step, lambda d: self.save_weights(self.model, self.tokenizer, d), state,
@@ -326,6 +376,8 @@ class Trainer:
         found = None
         if resume == "auto":
             found = self.run.newest_valid()
+            if found is None and self.run.step_dirs():
+                raise LingError(self._nothing_resumable())
             if found is None and self.dist.is_main:
                 print(f"no checkpoint to resume in {self.run.root}: starting fresh", file=sys.stderr)
         elif resume:
@@ -333,6 +385,8 @@ class Trainer:
         elif self.run.step_dirs():
             raise LingError(f"{self.run.root} already holds checkpoints: add --resume auto to continue that run, "
                             "or choose a new --out")
+        if found is not None:
+            self.run.refuse_to_overwrite(found[1]["step"], self.init_hint)
         if self.dist.is_main and self.config is not None:
             with atomic_file(self.run.root / "config.yaml") as f:
                 yaml.safe_dump(self.config, f, sort_keys=False, allow_unicode=True)
@@ -347,6 +401,7 @@ class Trainer:
         self.batches.load_state_dict(state["sampler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val_loss, self.last_val_loss = state["best_val_loss"], state["last_val_loss"]
+        self.bad_steps = state.get("bad_steps", 0)
         self.last_checkpoint = path
         if state["world_size"] == self.dist.world_size:
             set_rng_state(state["rng"][self.dist.rank])
@@ -361,6 +416,16 @@ class Trainer:
         self.metrics.resume_at(self.step)
         if self.dist.is_main:
             print(f"resumed from {path} (step {self.step}, {self.tokens_seen:,} tokens seen)", file=sys.stderr)
+
+    def _nothing_resumable(self) -> str:
+        """The error when --resume auto finds checkpoint directories but none to continue:
+        nothing is started over them (that would overwrite them); their weights may be saved."""
+        intact = [path for _, path in reversed(self.run.step_dirs()) if intact_weights(path)]
+        if intact:
+            return (f"no checkpoint in {self.run.checkpoints} can be resumed (see the warnings above), but the weights "
+                    f"of {intact[0]} are intact: start a new run from them with: {self.init_hint(intact[0])}")
+        return (f"{self.run.checkpoints} holds checkpoint directories but none can be resumed or has intact weights "
+                "(see the warnings above): move them away, or choose a new --out")
 
     # ---- Ctrl-C -------------------------------------------------------------------------
     def _catch_signals(self) -> dict:
