@@ -307,7 +307,7 @@ def test_a_report_summarises_each_part_and_groups_the_linears():
     assert report.summary() == ("kernels: attention (training): explicit (2.00×) · gradients (compiled): ATen ops (rule)"
                                 " · linear: prepacked for 2 of 3 shapes (1.50–3.00×) · linear: aten for 1 of 3 shapes (1.00×)")
     assert report.to_dict()["choices"][0] == {"part": "attention (training)", "picked": "explicit", "how": "measured",
-                                              "seconds": {"sdpa": 2.0, "explicit": 1.0}}
+                                              "seconds": {"sdpa": 2.0, "explicit": 1.0}, "note": ""}
 
 
 def test_an_unknown_kernels_mode_names_the_closest():
