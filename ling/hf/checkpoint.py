@@ -2,7 +2,7 @@
 
 Reading never imports transformers: config.json is mapped by the family module named in
 its `architectures`, and the weights stream from the (possibly sharded) safetensors files
-through `ling.checkpoint.load_tensors` with the family's weight map.
+through `ling.weights.load_tensors` with the family's weight map.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ling.checkpoint import SafetensorsFiles, load_tensors, resolve_dtype
 from ling.config import ModelConfig
 from ling.errors import LingError, read_json
 from ling.hf import gpt2, llama, mistral, qwen2, qwen3
 from ling.hf.family import Family, parameter_shapes
 from ling.model import Transformer, build_model
 from ling.tokenizer import Tokenizer
+from ling.weights import SafetensorsFiles, load_tensors, resolve_dtype
 
 FAMILIES: list[Family] = [llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, gpt2.FAMILY]
 """In order of preference when a ling model fits more than one (Llama-shaped → Llama)."""
@@ -33,6 +33,17 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 # ---- reading ------------------------------------------------------------------------------
+def is_hf_dir(path: Path) -> bool:
+    """A Hugging Face model directory: config.json with `architectures`."""
+    config = path / "config.json"
+    if not path.is_dir() or not config.exists():
+        return False
+    try:
+        return "architectures" in json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
 def read_hf_config(path: Path) -> tuple[Family, ModelConfig]:
     """The family and ling ModelConfig of an HF model directory; LingError if unsupported."""
     config_file = path / "config.json"

@@ -33,6 +33,7 @@ import torch
 from ling.atomic import atomic_dir
 from ling.config import ModelConfig
 from ling.errors import LingError
+from ling.weights import SafetensorsFiles, model_shapes, unwrap
 
 TRAIN_STATE = "train_state.pt"
 WEIGHTS = "model.safetensors"
@@ -102,8 +103,6 @@ def read_train_state(checkpoint: Path) -> dict:
 
 def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     """Copy a checkpoint's weights into `model` in place (the optimizer keeps its references)."""
-    from ling.checkpoint import SafetensorsFiles, model_shapes, unwrap
-
     bare = unwrap(model)
     saved = ModelConfig.load(checkpoint / "config.json")
     if saved.to_dict() != bare.cfg.to_dict():
