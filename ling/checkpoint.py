@@ -3,6 +3,7 @@
 Every command that takes a model (`generate`, `chat`, `serve`, `eval`, `finetune --base`,
 the converters) calls `load_checkpoint(path)`, which accepts
 
+- a GGUF file (`ling.gguf`: llama.cpp's format, dequantised on the fly);
 - a LoRA adapter directory (`ling.adapter_dir`: its base, with the adapter merged in);
 - a Hugging Face model directory (`ling.hf`: converted on the fly);
 - a ling checkpoint directory (`ling.ling_dir`).
@@ -23,6 +24,7 @@ import torch
 
 from ling.adapter_dir import is_adapter_dir, load_adapter_dir
 from ling.errors import LingError
+from ling.gguf.reader import is_gguf_file, load_gguf
 from ling.hf.checkpoint import is_hf_dir, load_hf_checkpoint
 from ling.ling_dir import is_ling_dir, load_ling_dir, save_model_dir
 from ling.model import Transformer
@@ -49,6 +51,7 @@ def _load_adapter(path: Path, device="cpu", dtype=None) -> Loaded:
 
 
 FORMATS: tuple[Format, ...] = (
+    Format("GGUF file", is_gguf_file, load_gguf),
     Format("LoRA adapter directory", is_adapter_dir, _load_adapter),
     Format("Hugging Face model directory", is_hf_dir, load_hf_checkpoint),
     Format("ling checkpoint directory", is_ling_dir, load_ling_dir),  # last: any other directory

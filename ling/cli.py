@@ -50,6 +50,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "convert": {
         "from-hf": Command("ling.hf.convert:FromHFArgs:from_hf", "Hugging Face model directory → ling checkpoint"),
         "to-hf": Command("ling.hf.convert:ToHFArgs:to_hf", "ling checkpoint → Hugging Face model directory"),
+        "to-gguf": Command("ling.gguf.convert:ToGGUFArgs:to_gguf", "checkpoint → GGUF file (llama.cpp, Ollama)"),
+        "from-gguf": Command("ling.gguf.convert:FromGGUFArgs:from_gguf", "GGUF file → ling checkpoint"),
     },
     "serve": Command("ling.serve.server:ServeArgs:serve", "serve a checkpoint: OpenAI-compatible API + chat page"),
 }
