@@ -383,3 +383,29 @@ def test_checkpoint_loading_imports_no_training_serving_or_evaluation():
     rooms = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
                        .stdout.replace("'", '"'))
     assert not {"train", "serve", "infer", "eval", "cli", "data"} & set(rooms), rooms
+
+
+def test_finetune_from_a_gguf_base_and_export_the_lora_run_for_llama_cpp(tmp_path, capsys):
+    from ling.data.synthetic import make_examples, write_jsonl
+    from ling.train.config import TrainConfig
+    from ling.train.finetune import FinetuneArgs, run_finetune
+
+    tok = Tokenizer.train_bpe(CORPUS + ["Reverse the word. abcdefghijklmnopqrstuvwxyz"], vocab_size=300)
+    save_gguf(build_model(ModelConfig.from_name("tiny", vocab_size=VOCAB, n_embd=64)), tok, tmp_path / "base.gguf", "q8_0")
+    write_jsonl(make_examples("reverse", 40), tmp_path / "rev.jsonl", "messages")
+    train = TrainConfig(max_steps=3, batch_tokens=256, micro_batch=4, warmup_steps=1, eval_every=3, eval_batches=1,
+                        precision="fp32", seed=0)
+    run_finetune(FinetuneArgs(base=str(tmp_path / "base.gguf"), data=str(tmp_path / "rev.jsonl"), out=str(tmp_path / "run"),
+                              method="lora", device="cpu", max_seq_len=64, train=train), show_summary=False)
+    assert cli.main(["convert", "to-gguf", str(tmp_path / "run" / "latest"), str(tmp_path / "chat.gguf")]) == 0
+    expected, expected_tok = load_checkpoint(tmp_path / "run" / "latest")  # base.gguf + adapter, merged
+    exported, exported_tok = load_checkpoint(tmp_path / "chat.gguf", dtype="fp32")
+    meta = GGUFFile(tmp_path / "chat.gguf").metadata
+    assert "{% generation %}" not in meta["tokenizer.chat_template"] and "<|im_start|>" in meta["tokenizer.chat_template"]
+    assert meta["tokenizer.ggml.tokens"][meta["tokenizer.ggml.eos_token_id"]] == "<|im_end|>"
+    messages = [{"role": "user", "content": "abc"}]
+    prompt = exported_tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == expected_tok.apply_chat_template(messages, add_generation_prompt=True)
+    ids = torch.tensor([exported_tok.encode(prompt)])
+    with torch.no_grad():  # f16 matrices: within f16 rounding of the merged model
+        torch.testing.assert_close(exported(ids), expected.float()(ids), rtol=0.02, atol=0.02)

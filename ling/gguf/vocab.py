@@ -206,12 +206,6 @@ def tokenizer_from_metadata(meta: TokenizerMetadata, where: str) -> Tokenizer:
                                 if kinds[t] in (CONTROL, UNKNOWN)])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in vocab if kinds[t] == USER_DEFINED])
     name = {i: t for t, i in vocab.items()}.get
-    if meta.add_bos or meta.add_eos:
-        ends = [(name(meta.bos_id), meta.bos_id)] * meta.add_bos, [(name(meta.eos_id), meta.eos_id)] * meta.add_eos
-        front, back = [f"{t}:0" for t, _ in ends[0]], [f"{t}:0" for t, _ in ends[1]]
-        backend.post_processor = processors.TemplateProcessing(
-            single=" ".join(front + ["$A:0"] + back), pair=" ".join(front + ["$A:0"] + back + front + ["$B:1"] + back),
-            special_tokens=list(dict(ends[0] + ends[1]).items()))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     for key, gguf_key, token_id in (("bos_token", "bos_token_id", meta.bos_id), ("eos_token", "eos_token_id", meta.eos_id),
                                     ("pad_token", "padding_token_id", meta.pad_id),
@@ -220,6 +214,12 @@ def tokenizer_from_metadata(meta: TokenizerMetadata, where: str) -> Tokenizer:
             if name(token_id) is None:
                 raise LingError(f"{where}: tokenizer.ggml.{gguf_key} is {token_id}, which is not a token of the vocabulary")
             config[key] = name(token_id)
+    front = [config["bos_token"]] if meta.add_bos and "bos_token" in config else []
+    back = [config["eos_token"]] if meta.add_eos and "eos_token" in config else []
+    if front or back:  # llama.cpp adds these around every encoded text
+        backend.post_processor = processors.TemplateProcessing(
+            single=front + ["$A"] + back, pair=front + ["$A"] + back + front + ["$B:1"] + back,
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(front + back)])
     if meta.chat_template:
         config["chat_template"] = meta.chat_template
     return Tokenizer(backend, config)

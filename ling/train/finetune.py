@@ -62,7 +62,7 @@ class FinetuneArgs:
     """Fine-tune a pretrained model on instruction, chat, text or labelled data (full or LoRA)."""
 
     base: str
-    """the pretrained model: a ling checkpoint directory or a Hugging Face model directory"""
+    """the pretrained model: a ling checkpoint directory, a Hugging Face model directory or a GGUF file"""
     data: str
     """training data: .json/.jsonl in Alpaca, chat-messages, ShareGPT or {"text"} format"""
     out: str
