@@ -332,6 +332,11 @@ def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(tmp_path):
     odd = trained(pre_tokenizers.ByteLevel(add_prefix_space=True))
     with pytest.raises(LingError, match=r"no llama.cpp pre-tokenizer matches .*ling exports these: gpt-2 \(GPT-2"):
         save_gguf(build_model(ModelConfig.from_name("tiny", vocab_size=VOCAB)), odd, tmp_path / "m.gguf")
+    spm = HFTokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1}, merges=[], byte_fallback=True, unk_token="<unk>"))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace()
+    with pytest.raises(LingError, match=r"SentencePiece-style BPE tokenizer \(byte fallback: Llama 2"):
+        save_gguf(build_model(ModelConfig.from_name("tiny", vocab_size=VOCAB)), Tokenizer(spm), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def write_gguf(path, arch="llama", tokenizer_model=None):
@@ -409,3 +414,20 @@ def test_finetune_from_a_gguf_base_and_export_the_lora_run_for_llama_cpp(tmp_pat
     ids = torch.tensor([exported_tok.encode(prompt)])
     with torch.no_grad():  # f16 matrices: within f16 rounding of the merged model
         torch.testing.assert_close(exported(ids), expected.float()(ids), rtol=0.02, atol=0.02)
+
+
+def test_without_the_gguf_package_only_gguf_files_fail_and_say_how_to_install_it(tmp_path, bpe, monkeypatch):
+    import sys
+
+    from ling.gguf.library import require_gguf
+
+    save_gguf(build_model(ModelConfig.from_name("tiny", vocab_size=VOCAB)), bpe, tmp_path / "m.gguf", "f16")
+    save_model_dir(build_model(ModelConfig.from_name("tiny", vocab_size=VOCAB)), bpe, tmp_path / "ckpt")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
+    require_gguf.cache_clear()
+    try:
+        load_checkpoint(tmp_path / "ckpt")
+        with pytest.raises(LingError, match=r"GGUF files need the gguf package: pip install 'ling\[gguf\]'"):
+            load_checkpoint(tmp_path / "m.gguf")
+    finally:
+        require_gguf.cache_clear()

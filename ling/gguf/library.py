@@ -1,17 +1,18 @@
-"""The `gguf` package (llama.cpp's gguf-py), imported once: it is an optional dependency."""
+"""The `gguf` package (llama.cpp's gguf-py): an optional dependency, imported on first use,
+so that commands which never touch a GGUF file neither need it nor pay for importing it."""
 
 from __future__ import annotations
 
+import importlib
+from functools import cache
+
 from ling.errors import LingError
 
-try:
-    import gguf
-except ImportError:  # ling works without it; only GGUF files need it
-    gguf = None
 
-
+@cache
 def require_gguf():
     """The `gguf` module, or a LingError saying how to install it."""
-    if gguf is None:
-        raise LingError("GGUF files need the gguf package: pip install 'ling[gguf]'")
-    return gguf
+    try:
+        return importlib.import_module("gguf")
+    except ImportError:
+        raise LingError("GGUF files need the gguf package: pip install 'ling[gguf]'") from None

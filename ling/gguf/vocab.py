@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
@@ -29,7 +29,7 @@ from ling.errors import LingError
 from ling.tokenizer import Tokenizer
 
 # llama.cpp's token types (llama_token_type / gguf.TokenType)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED = 1, 2, 3, 4, 5
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -48,9 +48,11 @@ class PreTokenizer:
 
     name: str
     used_by: str
-    build: callable
+    build: Callable
     """() → the `tokenizers` pre-tokenizer"""
-    normalizer: Optional[callable] = None
+    normalizer: Optional[Callable] = None
+    """() → the normaliser the family's tokenizer.json has (llama.cpp applies none: Qwen's NFC
+    changes only text not already in NFC, which is rare)"""
     ignore_merges: bool = False
     """a word already in the vocabulary is one token, merges or not (llama.cpp sets it per name)"""
 
@@ -119,16 +121,14 @@ class TokenizerMetadata:
 def match_pre_tokenizer(backend: HFTokenizer) -> PreTokenizer:
     """The llama.cpp pre-tokenizer that splits text exactly as `backend` does, or a LingError."""
     model = json.loads(backend.to_str())["model"]
-    if backend.pre_tokenizer is None:
-        if model.get("type") == "BPE" and not model.get("merges"):
-            raise LingError("ling's character-level tokenizer has no GGUF equivalent (llama.cpp reads byte-level "
-                            "BPE and SentencePiece vocabularies); prepare the data with --tokenizer bpe and train on that")
-        raise LingError("this tokenizer has no pre-tokenizer (SentencePiece-style?); ling writes byte-level BPE "
-                        f"tokenizers to GGUF, with the pre-tokenizer of {SUPPORTED_PRE}")
-    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
-            or model.get("end_of_word_suffix"):
-        raise LingError(f"this tokenizer is a {model.get('type')} model with options llama.cpp's BPE does not have; "
-                        "ling writes plain byte-level BPE tokenizers to GGUF")
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        raise LingError("this is a SentencePiece-style BPE tokenizer (byte fallback: Llama 2, Mistral v0.1, TinyLlama), "
+                        f"which ling does not write to GGUF; ling writes byte-level BPE with the pre-tokenizer of {SUPPORTED_PRE}")
+    if model.get("type") != "BPE" or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") \
+            or backend.pre_tokenizer is None:
+        raise LingError(f"this tokenizer ({model.get('type')} model, pre-tokenizer "
+                        f"{_state(backend.pre_tokenizer)}) is not byte-level BPE; ling writes byte-level BPE tokenizers "
+                        f"to GGUF, with the pre-tokenizer of {SUPPORTED_PRE}")
     ours = (_state(backend.pre_tokenizer), _state(backend.normalizer), bool(model.get("ignore_merges")))
     for pre in PRE_TOKENIZERS:
         theirs = (_state(pre.build()), _state(pre.normalizer() if pre.normalizer else None), pre.ignore_merges)
@@ -164,6 +164,9 @@ def tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> TokenizerMetada
     """The GGUF tokenizer keys for a model with `vocab_size` embedding rows (ids the tokenizer
     does not use become llama.cpp's unused `[PADn]` tokens)."""
     backend = tokenizer.backend
+    if tokenizer.is_char_level:
+        raise LingError("ling's character-level tokenizer has no GGUF equivalent (llama.cpp reads byte-level BPE and "
+                        "SentencePiece vocabularies); prepare the data with --tokenizer bpe and train on that")
     pre = match_pre_tokenizer(backend)
     if tokenizer.vocab_size > vocab_size:
         raise LingError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} embedding rows")
