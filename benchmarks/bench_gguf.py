@@ -167,12 +167,14 @@ def main() -> None:
         header += " llama.cpp greedy = ling's | llama-perplexity |"
     print(f"\nvalidation perplexity ({data_dir.name}, {len(dataset.val):,} tokens), `ling eval`:\n\n{header}")
     print("|---|---:|---:|---:|" + ("---|---:|" if args.llama_cpp else ""))
+    llama_text = {}
     for label, ckpt, gguf in rows:
         ppl = base if gguf is None else perplexity(ckpt, data_dir)
         size = f"{gguf.stat().st_size / 1e6:.1f} MB" if gguf else f"{(ckpt / 'model.safetensors').stat().st_size / 1e6:.1f} MB"
         line = f"| {label} | {size} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% |"
         if args.llama_cpp and gguf is not None:
             theirs, llama_ppl = llama_cpp(Path(args.llama_cpp), gguf, val_text, args.greedy_tokens)
+            llama_text[gguf.name] = theirs
             ours = greedy_text(gguf, args.greedy_tokens)
             theirs = theirs.removesuffix("\n")  # llama-simple ends its output with a newline
             same = "yes" if theirs == ours else f"no: the first {len(os.path.commonprefix([theirs, ours]))} characters agree"
@@ -182,7 +184,7 @@ def main() -> None:
         print(line)
     if args.llama_cpp:
         print(f"\ngreedy continuation of {PROMPT!r} from the q8_0 file (llama.cpp):\n")
-        print(llama_cpp(Path(args.llama_cpp), out / "model-q8_0.gguf", val_text, args.greedy_tokens)[0])
+        print(llama_text["model-q8_0.gguf"])
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def load_checkpoint(path: str | Path, device="cpu", dtype: str | torch.dtype | N
     """
     path = Path(path)
     if not path.exists():
-        raise LingError(f"{path}: no such checkpoint (a directory, or a .gguf file)")
+        raise LingError(f"{path}: no such checkpoint directory or .gguf file")
     for fmt in FORMATS:
         if fmt.detect(path):
             return fmt.load(path, device=device, dtype=dtype)
