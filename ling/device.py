@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import torch
@@ -26,6 +27,17 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise LingError("--device mps: MPS is not available on this machine (use --device cpu)")
     return device
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (what benchmarks and caches are keyed by)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_has_bf16() -> bool:

@@ -26,6 +26,7 @@ from ling.data.sampler import PretrainSampler
 from ling.device import pick_device, pick_precision
 from ling.errors import LingError
 from ling.infer.generate import generate_tokens
+from ling.kernels import check_mode
 from ling.model import build_model
 from ling.train.config import TrainConfig
 from ling.train.pretrain import PretrainArgs, run_pretraining
@@ -51,6 +52,12 @@ class QuickstartArgs:
     prompt: str = "The "
     """the text the samples before and after training continue"""
     sample_tokens: int = 200
+    kernels: str = "auto"
+    """fast paths: auto = time the candidates on this machine and keep the fastest (the summary
+    says which); reference = the plain model (ling/model.py) as it is"""
+
+    def __post_init__(self):
+        check_mode(self.kernels)
 
 
 def quickstart(args: QuickstartArgs) -> int:
@@ -72,7 +79,8 @@ def quickstart(args: QuickstartArgs) -> int:
     precision = pick_precision("auto", device)
     model_cfg = dataclasses.replace(MODEL, vocab_size=data.tokenizer.vocab_size)
     pretrain_args = PretrainArgs(data=str(data_dir), out=str(run_dir), model=model_cfg,
-                                 train=dataclasses.replace(TRAIN, precision=precision), device=str(device))
+                                 train=dataclasses.replace(TRAIN, precision=precision), device=str(device),
+                                 kernels=args.kernels)
     step_s = seconds_per_step(pretrain_args, data.train, device, precision, budget_s=min(5.0, args.minutes * 2.4))
     steps = max(20, int(args.minutes * 60 / step_s))
     pretrain_args.train = dataclasses.replace(
@@ -106,7 +114,8 @@ def quickstart(args: QuickstartArgs) -> int:
         f"done in {minutes:.1f} min: {result.tokens_seen:,} tokens seen at {result.tokens_per_s:,.0f} tokens/s{util}; "
         f"val loss {result.final_val_loss:.3f} (best {result.best_val_loss:.3f})\n"
         f"   checkpoint: {run_dir / 'best'}   (the newest: {run_dir / 'latest'})\n"
-        f"   curves:     {run_dir / 'report.png'}\n\n"
+        f"   curves:     {run_dir / 'report.png'}\n"
+        f"   {result.kernels.summary()}\n\n"
         "next, try:\n"
         f"   ling generate {run_dir / 'best'} --prompt \"{args.prompt}\" --max-new-tokens 300\n"
         f"   ling pretrain --config {run_dir / 'config.yaml'} --train.max-steps {2 * steps} "
@@ -127,7 +136,7 @@ def seconds_per_step(args: PretrainArgs, tokens, device: torch.device, precision
                               cfg.accumulation(args.model.context_length, 1))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, cfg, sampler, [], tmp, device=device, precision=precision,
-                          flops_per_token=args.model.flops_per_token())
+                          flops_per_token=args.model.flops_per_token(), kernels=args.kernels)
         for _ in range(2):
             trainer.train_step().loss.item()
         times, started = [], time.perf_counter()

@@ -72,7 +72,7 @@ def test_merged_model_equals_base_plus_adapter(tie):
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
     assert (merged.lm_head.weight is merged.embed.weight) == tie
     with torch.no_grad():
-        torch.testing.assert_close(merged(TOKENS), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(merged(TOKENS), expected)
     # the merged model is a plain Transformer: same parameter names and layer types as a fresh one
     fresh = _model(tie_embeddings=tie)
     assert set(merged.state_dict()) == set(fresh.state_dict())

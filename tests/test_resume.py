@@ -23,7 +23,8 @@ def pretrain_cmd(data, out, *extra):
 
 
 def records(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [r for r in lines if r["kind"] in ("train", "eval")]  # the curves, not the kernels record
 
 
 def curve(run):

@@ -45,7 +45,7 @@ def test_mfu_is_achieved_over_peak_flops_of_all_devices():
 
 
 def test_cpu_peak_is_probed_once_then_read_from_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("LING_CACHE", str(tmp_path / "ling"))
     calls = []
     monkeypatch.setattr(metrics, "probe_matmul_flops", lambda dtype: calls.append(dtype) or 5e11)
     assert metrics.peak_flops(torch.device("cpu"), "bf16") == 5e11
@@ -58,7 +58,7 @@ def test_cpu_peak_is_probed_once_then_read_from_the_cache(tmp_path, monkeypatch)
 
 def test_a_refresh_reprobes_and_keeps_the_higher_peak(tmp_path, monkeypatch):
     # a probe taken while the cores were busy reads low; the trainer refreshes it when MFU > 100 %
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("LING_CACHE", str(tmp_path / "ling"))
     probes = iter([1e9, 5e11, 2e11])
     monkeypatch.setattr(metrics, "probe_matmul_flops", lambda dtype: next(probes))
     cpu = torch.device("cpu")

@@ -4,7 +4,6 @@ so the next run tries again) and with a progress bar."""
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import urllib.error
 import urllib.request
@@ -14,14 +13,8 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from ling.atomic import atomic_file
+from ling.cache import cache_dir
 from ling.errors import LingError
-
-
-def cache_dir() -> Path:
-    """$LING_CACHE, else $XDG_CACHE_HOME/ling, else ~/.cache/ling."""
-    if os.environ.get("LING_CACHE"):
-        return Path(os.environ["LING_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ling"
 
 
 def cached_path(url: str) -> Path:

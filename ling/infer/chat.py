@@ -158,4 +158,5 @@ def repl(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
 
 def chat(args: ChatArgs) -> None:
     engine = build_engine(args, max_batch_size=1)
+    print(engine.kernels.summary(), file=sys.stderr)
     repl(ChatSession(engine, args.sampling, args.system), sys.stdin, sys.stdout)

@@ -23,14 +23,15 @@ position p reads slots ≤ p, so leftovers of an earlier request beyond p are ne
 and each row samples with its own parameters and random generator. A prompt's greedy
 output is therefore the same alone or in any batch (tested).
 
-Speed on CPU comes from (1) linear weights prepacked for oneDNN (`prepack.py`), (2) an
-fp32 KV cache, whose attention kernel is much faster than bf16's for one query per row,
-(3) reading only the cache slots in use (`KVCache.kv_len`), (4) little work per step
-besides the forward: preallocated token/position buffers updated in place, one argmax for
-a greedy batch. `torch.compile` of the decode step (`compile=True`: inductor with frozen
-weights and its C++ wrapper) is another 20–35% in bf16 on CPU, after 15–30 s of
-compilation, so it is opt-in: worth it for a server or a long batch job, not for one
-prompt (see BENCHMARKS.md, section Inference); on GPU it is untested here.
+Speed comes from (1) the kernels chosen for this machine when the engine loads a model
+(`ling.kernels.apply_inference_kernels`: on CPU, prepacked or ATen linears per weight shape,
+SDPA or matmul attention for the decode step, and the KV cache's dtype, each timed on the
+model's shapes), (2) reading only the cache slots in use (`KVCache.kv_len`), (3) little
+work per step besides the forward: preallocated token/position buffers updated in place,
+one argmax for a greedy batch. `torch.compile` of the decode step (`compile=True`: inductor
+with frozen weights and its C++ wrapper) takes seconds to tens of seconds to compile, so it
+is opt-in: worth it for a server or a long batch job, not for one prompt (see
+BENCHMARKS.md, section Inference).
 
 Threading: `add_request` and `abort` may be called from any thread; `step` (and therefore
 `generate` / `stream`) from one thread at a time.
@@ -52,8 +53,8 @@ import torch
 from ling.checkpoint import load_checkpoint, resolve_dtype, unwrap
 from ling.errors import LingError
 from ling.infer.detokenize import IncrementalDetokenizer, StopStrings
-from ling.infer.prepack import can_prepack, prepack_linears
 from ling.infer.sampling import BatchSampler, SamplingParams, TokenLogprob
+from ling.kernels import KernelReport, apply_inference_kernels, check_mode, plan_inference_kernels
 from ling.model import KVCache, Transformer
 from ling.tokenizer import Tokenizer
 
@@ -114,14 +115,15 @@ class Engine:
     def __init__(self, model: Transformer | str | Path, tokenizer: Tokenizer | None = None, *,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  max_batch_size: int = 8, max_len: int | None = None, compile: bool = False,
-                 prepack: bool | None = None, draft: "Engine | str | Path | None" = None,
+                 kernels: str = "auto", draft: "Engine | str | Path | None" = None,
                  num_speculative_tokens: int = 4):
         """`model`: a checkpoint directory (ling or Hugging Face) or a `Transformer` (used as
-        is, on its own device and dtype). `max_len` bounds prompt + output per request (the
-        model's context length by default). `prepack` (CPU): reorder linear weights for
-        oneDNN; by default on when the engine loaded the model itself, since it changes the
-        model's modules. `draft`: a small model with the same vocabulary for speculative
-        decoding of greedy requests (`num_speculative_tokens` proposed per step)."""
+        is, on its own device and dtype: a live model is decoded as it is, without kernels).
+        `max_len` bounds prompt + output per request (the model's context length by default).
+        `kernels`: 'auto' (measure and keep the fastest, see `self.kernels`) or 'reference'.
+        `draft`: a small model with the same vocabulary for speculative decoding of greedy
+        requests (`num_speculative_tokens` proposed per step)."""
+        check_mode(kernels)
         if isinstance(model, (str, Path)):
             model, loaded_tokenizer = load_checkpoint(model, device=device or "cpu", dtype=resolve_dtype(dtype))
             tokenizer = tokenizer or loaded_tokenizer
@@ -140,10 +142,13 @@ class Engine:
         if max_batch_size < 1 or self.max_len < 2:
             raise LingError(f"Engine needs max_batch_size >= 1 and max_len >= 2 (got {max_batch_size}, {self.max_len})")
         self.max_batch_size = max_batch_size
-        if prepack is None:
-            prepack = owned and not compile and can_prepack(self.device, self.dtype)
-        if prepack:
-            prepack_linears(self.model)
+        self.kernels = KernelReport("reference")
+        """the kernels this engine decodes with (`ling.kernels`)"""
+        cache_dtype = self.dtype
+        if owned:
+            self.kernels = plan_inference_kernels(self.model, mode=kernels, max_batch_size=max_batch_size,
+                                                  max_len=self.max_len, compile=compile)
+            cache_dtype = apply_inference_kernels(self.model, self.kernels)
         self._decode_model = torch.compile(self.model, dynamic=True) if compile else self.model
         self._compile_config = contextlib.nullcontext
         if compile and self.device.type == "cpu":
@@ -159,7 +164,6 @@ class Engine:
             self._compile_config = functools.partial(
                 inductor_config.patch, {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True})
         with torch.inference_mode():
-            cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype  # see KVCache
             self.cache = KVCache(self.cfg, max_batch_size, self.max_len, device=self.device, dtype=cache_dtype)
             self._tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
             self._positions = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
@@ -172,7 +176,8 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         if isinstance(draft, (str, Path)):
-            draft = Engine(draft, device=self.device, dtype=self.dtype, max_batch_size=max_batch_size, max_len=self.max_len)
+            draft = Engine(draft, device=self.device, dtype=self.dtype, max_batch_size=max_batch_size, max_len=self.max_len,
+                           kernels=kernels)
         if draft is not None:
             if draft.cfg.vocab_size != self.cfg.vocab_size:
                 raise LingError(

@@ -24,6 +24,7 @@ from ling.device import pick_device, pick_precision
 from ling.errors import LingError
 from ling.infer.engine import Completion, Engine
 from ling.infer.sampling import SamplingParams
+from ling.kernels import check_mode
 from ling.model import Transformer
 
 
@@ -62,6 +63,12 @@ class ModelArgs:
     """torch.compile the decode step: 20–35% faster bf16 decoding on CPU after 15–30 s of compilation"""
     draft: Optional[str] = None
     """a small checkpoint with the same tokenizer for speculative decoding (greedy only)"""
+    kernels: str = "auto"
+    """fast paths: auto = time the candidates on this machine and keep the fastest (the summary
+    says which); reference = the plain model (ling/model.py) as it is"""
+
+    def __post_init__(self):
+        check_mode(self.kernels)
 
 
 @dataclass
@@ -86,9 +93,9 @@ def build_engine(args: ModelArgs, max_batch_size: int) -> Engine:
     dtype = pick_precision("auto", device) if args.dtype == "auto" else args.dtype
     draft = None
     if args.draft is not None:
-        draft = Engine(args.draft, device=device, dtype=dtype, max_batch_size=max_batch_size)
+        draft = Engine(args.draft, device=device, dtype=dtype, max_batch_size=max_batch_size, kernels=args.kernels)
     return Engine(args.ckpt, device=device, dtype=dtype, max_batch_size=max_batch_size, compile=args.compile,
-                  draft=draft)
+                  kernels=args.kernels, draft=draft)
 
 
 def read_prompts(path: str, defaults: SamplingParams) -> list[tuple[str, SamplingParams, str]]:
@@ -164,8 +171,8 @@ def generate_one(engine: Engine, prompt: str, params: SamplingParams, stream: bo
         print(delta.text, end="", flush=stream)
     print(flush=True)
     elapsed = time.perf_counter() - start
-    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s{speculation_note(engine)}]",
-          file=sys.stderr)
+    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s{speculation_note(engine)}]\n"
+          f"[{engine.kernels.summary()}]", file=sys.stderr)
 
 
 def generate_many(engine: Engine, prompts: list[tuple[str, SamplingParams, str]], out: TextIO, stream: bool) -> None:
@@ -198,7 +205,7 @@ def generate_many(engine: Engine, prompts: list[tuple[str, SamplingParams, str]]
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     elapsed = time.perf_counter() - start
     print(f"{len(prompts)} prompts, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tokens/s"
-          f"{speculation_note(engine)})", file=sys.stderr)
+          f"{speculation_note(engine)})\n{engine.kernels.summary()}", file=sys.stderr)
 
 
 def speculation_note(engine: Engine) -> str:

@@ -14,7 +14,7 @@ import hmac
 import json
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import AsyncIterator
 
@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from ling.errors import LingError
 from ling.infer import SamplingParams
+from ling.kernels import KernelReport
 from ling.serve.metrics import Metrics
 from ling.serve.protocol import (APIError, ChatRequest, CompletionRequest, error_body, new_id, now, parse_request,
                                  usage)
@@ -45,6 +46,8 @@ class ServerState:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     created: int = 0
+    kernels: KernelReport = field(default_factory=KernelReport)
+    """what the engine decodes with (`ling.kernels`), shown at /health"""
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -83,7 +86,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": state.model_name, "running": state.scheduler.running,
-                "waiting": state.scheduler.waiting}
+                "waiting": state.scheduler.waiting, "kernels": state.kernels.to_dict()}
 
     @app.get("/metrics")
     async def metrics():

@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 import tyro
 
 from ling.errors import LingError
+from ling.kernels import check_mode
 
 
 @dataclass
@@ -50,6 +51,12 @@ class ServeArgs:
     15–30 s of compilation at startup"""
     shutdown_timeout: float = 30.0
     """seconds requests in flight may take to finish when the server stops"""
+    kernels: str = "auto"
+    """fast paths: auto = time the candidates on this machine and keep the fastest (the summary
+    says which); reference = the plain model (ling/model.py) as it is"""
+
+    def __post_init__(self):
+        check_mode(self.kernels)
 
 
 def build_state(args: ServeArgs):
@@ -66,7 +73,7 @@ def build_state(args: ServeArgs):
     device = pick_device(args.device)
     dtype = args.dtype or pick_precision("auto", device)
     engine = Engine(args.ckpt, device=device, dtype=dtype, max_batch_size=args.max_batch_size,
-                    max_len=args.max_model_len, compile=args.compile)
+                    max_len=args.max_model_len, compile=args.compile, kernels=args.kernels)
     if engine.tokenizer is None:
         raise LingError(f"{args.ckpt}: no tokenizer.json — the server needs the checkpoint's tokenizer")
     context = engine.cfg.context_length
@@ -83,7 +90,7 @@ def build_state(args: ServeArgs):
     return ServerState(model_name=args.model_name or Path(args.ckpt).resolve().name, tokenizer=engine.tokenizer,
                        scheduler=Scheduler(engine, args.max_queue, metrics), metrics=metrics,
                        max_model_len=engine.max_len, vocab_size=engine.cfg.vocab_size, api_key=api_key,
-                       max_body_bytes=args.max_body_bytes, created=int(time.time()))
+                       max_body_bytes=args.max_body_bytes, created=int(time.time()), kernels=engine.kernels)
 
 
 def make_server(state, shutdown_timeout: float, log_level: str = "info"):
@@ -136,5 +143,6 @@ def serve(args: ServeArgs) -> None:
     auth = " (API key required)" if state.api_key else ""
     print(f"serving '{state.model_name}' at http://{where}:{port}/v1{auth} — chat page at http://{where}:{port}/",
           flush=True)
+    print(state.kernels.summary(), flush=True)
     server = make_server(state, args.shutdown_timeout)
     server.run(sockets=[sock])

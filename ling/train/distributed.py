@@ -89,6 +89,15 @@ def gather_objects(obj, d: Dist) -> list:
     return out
 
 
+def broadcast_object(obj, d: Dist):
+    """Rank 0's `obj`, on every rank."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

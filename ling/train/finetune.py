@@ -38,6 +38,7 @@ from ling.data.sft_encode import Encoded, encode_example, encode_labelled, insta
 from ling.dataclass_io import to_dict
 from ling.device import pick_device, pick_precision
 from ling.errors import LingError
+from ling.kernels import check_mode
 from ling.eval.exact_match import greedy_reply, reply_prompts
 from ling.eval.metrics import score_classifier
 from ling.model import autocast_context
@@ -101,6 +102,12 @@ class FinetuneArgs:
     """'auto' = continue from the newest complete checkpoint in --out; or a checkpoint directory"""
     device: str = "auto"
     """auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"""
+    kernels: str = "auto"
+    """fast paths: auto = time the candidates on this machine and keep the fastest (the summary
+    says which); reference = the plain model (ling/model.py) as it is"""
+
+    def __post_init__(self):
+        check_mode(self.kernels)
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -326,7 +333,7 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True):
             device=device, precision=precision, tokenizer=tokenizer, dist=dist,
             flops_per_token=model.cfg.flops_per_token(seq_len),
             save_weights=saver.save, load_weights=saver.load, config=to_dict(resolved), on_eval=on_eval,
-            resume_hint=f"ling finetune --config {Path(args.out) / 'config.yaml'} --resume auto",
+            resume_hint=f"ling finetune --config {Path(args.out) / 'config.yaml'} --resume auto", kernels=args.kernels,
         )
         trainable = sum(p.numel() for p in trainer.params)
         total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -344,12 +351,14 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True):
             "base_val_loss": base_val_loss, "final_val_loss": result.final_val_loss,
             "best_val_loss": result.best_val_loss, "steps": result.step, "seconds": result.seconds,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None, "peft_skipped": saver.peft_skipped,
+            "kernels": trainer.kernels.to_dict(),
         }
         if dist.is_main:
             with atomic_file(Path(args.out) / "summary.json") as f:
                 f.write(json.dumps(summary, indent=2) + "\n")
         if show_summary and dist.is_main and not result.interrupted:
             print_summary(summary, data, Path(args.out))
+            print(trainer.kernels.summary())
         return result, summary
     finally:
         distributed.shutdown(dist)

@@ -10,14 +10,14 @@ table for known GPUs and, on CPUs, a short matmul probe measured once and cached
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 from ling.atomic import atomic_file
+from ling.cache import cache_dir
+from ling.device import cpu_name
 
 # Dense (no sparsity) peak FLOP/s per GPU from vendor data sheets: bf16/fp16 tensor cores,
 # and fp32 as TF32 tensor cores (ling trains fp32 on CUDA with TF32 matmuls).
@@ -96,30 +96,15 @@ def peak_flops(device: torch.device, precision: str, refresh: bool = False) -> f
     return None
 
 
-def _cache_file() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "ling" / "peak_flops.json"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_peak_flops(dtype: torch.dtype, refresh: bool = False) -> float:
     """Matmul FLOP/s of this CPU with torch's current thread count, probed once and cached
-    (keyed by CPU, threads, dtype and torch version) in ~/.cache/ling/peak_flops.json.
+    (keyed by CPU, threads, dtype and torch version) in peak_flops.json of ling's cache directory (`ling.cache`).
 
     A probe taken while other work shared the cores reads low; `refresh` probes again and
     keeps the higher of the two (the trainer asks for it when an MFU above 100 % shows the
     cached peak is too low)."""
-    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
-    cache = _cache_file()
+    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    cache = cache_dir() / "peak_flops.json"
     try:
         known = json.loads(cache.read_text())
     except (OSError, json.JSONDecodeError):

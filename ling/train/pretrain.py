@@ -15,6 +15,7 @@ from ling.data.dataset import open_dataset
 from ling.data.sampler import PretrainSampler, validation_batches
 from ling.dataclass_io import to_dict
 from ling.device import pick_device, pick_precision
+from ling.kernels import check_mode
 from ling.model import build_model
 from ling.train import distributed
 from ling.train.config import TrainConfig
@@ -38,6 +39,12 @@ class PretrainArgs:
     none); or the path of a checkpoint directory"""
     device: str = "auto"
     """auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"""
+    kernels: str = "auto"
+    """fast paths: auto = time the candidates on this machine and keep the fastest (the summary
+    says which); reference = the plain model (ling/model.py) as it is"""
+
+    def __post_init__(self):
+        check_mode(self.kernels)
 
 
 def pretrain(args: PretrainArgs) -> int:
@@ -72,7 +79,7 @@ def run_pretraining(args: PretrainArgs, show_summary: bool = True) -> TrainResul
             model, resolved.train, sampler, val, args.out, device=device, precision=precision,
             tokenizer=data.tokenizer, dist=dist,
             flops_per_token=model_cfg.flops_per_token(seq_len), config=to_dict(resolved),
-            resume_hint=f"ling pretrain --config {Path(args.out) / 'config.yaml'} --resume auto",
+            resume_hint=f"ling pretrain --config {Path(args.out) / 'config.yaml'} --resume auto", kernels=args.kernels,
             sample_prompt=[int(t) for t in data.val[: min(16, seq_len // 2)]],
         )
         if dist.is_main:
@@ -97,5 +104,6 @@ def print_summary(result: TrainResult, run_dir: Path) -> None:
         f"({result.tokens_per_s:,.0f} tokens/s{util})\n"
         f"val loss {val} (best {best})\n"
         f"checkpoints: {run_dir / 'latest'}, {run_dir / 'best'}\n"
-        f"report:      {run_dir / 'report.png'}  ·  metrics: {run_dir / 'metrics.jsonl'}"
+        f"report:      {run_dir / 'report.png'}  ·  metrics: {run_dir / 'metrics.jsonl'}\n"
+        f"{result.kernels.summary() if result.kernels else 'kernels: -'}"
     )

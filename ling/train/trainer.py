@@ -33,7 +33,8 @@ from ling.checkpoint import save_model_dir
 from ling.data.batch import IGNORE_INDEX, Batch
 from ling.dataclass_io import to_dict
 from ling.errors import LingError
-from ling.model import autocast_context
+from ling.kernels import KernelReport, apply_training_kernels, plan_training_kernels
+from ling.model import Transformer, autocast_context
 from ling.train import distributed
 from ling.train.allocator import reuse_freed_memory
 from ling.train.checkpointing import (RunDir, load_model_weights, read_train_state, rng_state, seed_everything,
@@ -87,6 +88,8 @@ class TrainResult:
     checkpoint: Path | None
     """the newest checkpoint"""
     interrupted: bool = False
+    kernels: KernelReport | None = None
+    """the kernels this run trained with (`ling.kernels`)"""
 
 
 class Trainer:
@@ -96,7 +99,8 @@ class Trainer:
                  loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] = lm_loss,
                  save_weights: Callable = save_model_dir, load_weights: Callable = load_model_weights,
                  config: dict | None = None, resume_hint: str = "--resume auto",
-                 sample_prompt: list[int] | None = None, on_eval: Callable[[int], dict] | None = None):
+                 sample_prompt: list[int] | None = None, on_eval: Callable[[int], dict] | None = None,
+                 kernels: str = "auto"):
         self.cfg, self.batches, self.val_batches = cfg, batches, val_batches
         self.device, self.precision, self.tokenizer, self.dist = device, precision, tokenizer, dist
         self.flops_per_token = flops_per_token
@@ -113,6 +117,7 @@ class Trainer:
         for module in model.modules():  # the Transformer, also inside a fine-tuning wrapper
             if hasattr(module, "activation_checkpointing"):
                 module.activation_checkpointing = cfg.activation_checkpointing
+        self.kernels = self._apply_kernels(kernels)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise LingError("no parameter has requires_grad: nothing to train")
@@ -129,10 +134,24 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._stop_signal: str | None = None
 
+    def _apply_kernels(self, mode: str) -> KernelReport:
+        """Swap in the kernels measured fastest for this run's shapes (`ling.kernels`): rank 0
+        decides, every rank applies the same."""
+        body = next(m for m in self.model.modules() if isinstance(m, Transformer))
+        seq_len = self.val_batches[0].tokens.shape[1] if self.val_batches else body.cfg.context_length
+        report = None
+        if self.dist.is_main:
+            report = plan_training_kernels(body.cfg, mode=mode, device=self.device, precision=self.precision,
+                                           compile=self.cfg.compile, micro_batch=self.cfg.micro_batch, seq_len=seq_len)
+        report = distributed.broadcast_object(report, self.dist)
+        apply_training_kernels(self.model, report, self.device)
+        return report
+
     # ---- the loop ---------------------------------------------------------------------
     def fit(self, resume: str | None = None) -> TrainResult:
         cfg = self.cfg
         self._start(resume)
+        self.metrics.write({"kind": "kernels", "step": self.step, **self.kernels.to_dict()})
         meter = Throughput()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.dist.is_main, dynamic_ncols=True)
@@ -181,6 +200,7 @@ class Trainer:
             best_val_loss=self.best_val_loss, tokens_per_s=meter.average,
             mfu=mfu(meter.average, self.flops_per_token, self.peak, self.dist.world_size),
             seconds=time.perf_counter() - t_start, checkpoint=self.last_checkpoint, interrupted=interrupted,
+            kernels=self.kernels,
         )
 
     def train_step(self) -> "StepResult":

@@ -1,11 +1,12 @@
-"""Linear layers with weights prepacked for oneDNN: the CPU decoding speed-up.
+"""Linear layers with weights prepacked for oneDNN, for decoding on CPU.
 
 Decoding one token per row multiplies a few activation rows by every weight matrix, so its
-speed is how fast the weights stream from memory. PyTorch's default CPU kernel for such a
-skinny matmul runs on one thread (fp32) or a poorly blocked path (bf16) and reaches about a
-third of this machine's bandwidth; the same product on weights reordered once into oneDNN's
-blocked layout uses every core and runs 2–3× faster (benchmarks/bench_generate.py). This
-is the reordering `torch.compile(freezing=True)` does on CPU, without the compile time.
+speed is how fast the weights stream from memory. Depending on the CPU, dtype and thread
+count, PyTorch's default kernel for such a skinny matmul may run on one thread or a poorly
+blocked path; the same product on weights reordered once into oneDNN's blocked layout can
+be several times faster — or slower (benchmarks/bench_generate.py). So the engine times
+both on each of the model's weight shapes and keeps the faster (`ling.kernels.inference`).
+This is the reordering `torch.compile(freezing=True)` does on CPU, without the compile time.
 
 The packed weight is an opaque oneDNN tensor: it is not a parameter, is not saved, and the
 layer computes exactly `F.linear` up to float rounding.
@@ -40,16 +41,3 @@ class PrepackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def prepack_linears(model: nn.Module) -> nn.Module:
-    """Replace every `nn.Linear` of `model` (in place) by a `PrepackedLinear`; returns `model`.
-
-    The caller must own the model: its linear weights are no longer parameters afterwards
-    (a tied embedding keeps its own copy for the lookup).
-    """
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, PrepackedLinear(child))
-    return model
