@@ -119,12 +119,18 @@ def llama_cpp(bin_dir: Path, gguf: Path, val_text: Path, n: int) -> tuple[str, f
                             capture_output=True, text=True, timeout=600)
     ppl = None
     if (bin_dir / "llama-perplexity").exists():
-        run = subprocess.run([str(bin_dir / "llama-perplexity"), "-m", str(gguf), "-f", str(val_text), "-c", "256",
-                              "-b", "256"], capture_output=True, text=True, timeout=1800)
-        match = re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr)
-        if match is None:
-            print(f"llama-perplexity on {gguf.name} failed:\n{(run.stdout + run.stderr)[-600:]}")
-        ppl = float(match.group(1)) if match else None
+        # Its logger writes from a thread that, in the build measured, lost the last lines at
+        # exit (the result among them) in about half the runs: run again when it is missing.
+        for _ in range(6):
+            run = subprocess.run([str(bin_dir / "llama-perplexity"), "-m", str(gguf), "-f", str(val_text), "-c", "256",
+                                  "-b", "256"], capture_output=True, text=True, timeout=1800)
+            match = re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr)
+            if match is not None:
+                ppl = float(match.group(1))
+                break
+        else:
+            print(f"llama-perplexity on {gguf.name} gave no result (exit status {run.returncode}):\n"
+                  f"{(run.stdout + run.stderr)[-600:]}")
     return simple.stdout, ppl
 
 
