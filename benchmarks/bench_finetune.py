@@ -45,7 +45,7 @@ from ling.data.synthetic import MAX_DISTINCT, TASKS, held_out_split, make_exampl
 from ling.eval.exact_match import answer_all, reply_prompts
 from ling.model import autocast_context, build_model
 from ling.tokenizer import Tokenizer
-from ling.train.vocab import resize_vocab
+from ling.vocab import resize_vocab
 
 SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
 BASE_MODEL = ["--model.name", "custom", "--model.context-length", "128", "--model.n-layer", "4", "--model.n-embd", "256",

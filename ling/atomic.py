@@ -89,15 +89,24 @@ def atomic_dir(target: str | Path, overwrite: bool = False):
 @contextmanager
 def atomic_file(target: str | Path, mode: str = "w"):
     """Yield a file object for a temporary file beside `target`; on success it becomes `target`."""
+    with atomic_path(target) as tmp:
+        with open(tmp, mode) as f:
+            yield f
+
+
+@contextmanager
+def atomic_path(target: str | Path):
+    """Yield the path of a temporary file beside `target`, for writers that open files
+    themselves (gguf-py's); on success it is synced and becomes `target`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(target)
     fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(target), dir=target.parent)
+    os.close(fd)
     held = _hold(Path(tmp))
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
         os.replace(tmp, target)

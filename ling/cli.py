@@ -43,13 +43,15 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "quickstart": Command("ling.quickstart:QuickstartArgs:quickstart",
                           "prepare the builtin corpus, pretrain a small model for ~2 minutes, sample from it"),
     "finetune": Command("ling.train.finetune:FinetuneArgs:finetune", "fine-tune a model: full or LoRA, chat/instruction SFT or a task head"),
-    "merge": Command("ling.train.lora:MergeArgs:merge", "fold a LoRA adapter into its base model"),
+    "merge": Command("ling.merge:MergeArgs:merge", "fold a LoRA adapter into its base model"),
     "eval": Command("ling.eval.evaluate:EvalArgs:evaluate", "loss / perplexity / bits-per-byte, or a classifier's accuracy"),
     "generate": Command("ling.infer.generate:GenerateArgs:generate", "generate text from a checkpoint (one prompt or a file)"),
     "chat": Command("ling.infer.chat:ChatArgs:chat", "chat with a checkpoint in the terminal"),
     "convert": {
         "from-hf": Command("ling.hf.convert:FromHFArgs:from_hf", "Hugging Face model directory → ling checkpoint"),
         "to-hf": Command("ling.hf.convert:ToHFArgs:to_hf", "ling checkpoint → Hugging Face model directory"),
+        "to-gguf": Command("ling.gguf.convert:ToGGUFArgs:to_gguf", "checkpoint → GGUF file (llama.cpp, Ollama)"),
+        "from-gguf": Command("ling.gguf.convert:FromGGUFArgs:from_gguf", "GGUF file → ling checkpoint"),
     },
     "serve": Command("ling.serve.server:ServeArgs:serve", "serve a checkpoint: OpenAI-compatible API + chat page"),
 }

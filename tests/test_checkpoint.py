@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import ling.checkpoint
-from ling.checkpoint import SafetensorsFiles, load_checkpoint, save_model_dir
+import ling.weights
+from ling.checkpoint import load_checkpoint, save_model_dir
+from ling.weights import SafetensorsFiles
 from ling.config import ModelConfig
 from ling.errors import LingError
 from ling.model import build_model
@@ -24,7 +25,7 @@ def ckpt(tmp_path):
 @pytest.mark.parametrize("dtype", [None, "bf16"])
 def test_load_copies_in_small_slices_exactly(ckpt, monkeypatch, dtype):
     model, path = ckpt
-    monkeypatch.setattr(ling.checkpoint, "COPY_CHUNK_BYTES", 100)  # many slices per tensor
+    monkeypatch.setattr(ling.weights, "COPY_CHUNK_BYTES", 100)  # many slices per tensor
     loaded, _ = load_checkpoint(path, dtype=dtype)
     expected = {k: v.to(torch.bfloat16) if dtype else v for k, v in model.state_dict().items()}
     got = loaded.state_dict()

@@ -18,8 +18,9 @@ from ling.data.sft_encode import install_chatml
 from ling.eval.evaluate import EvalArgs, evaluate
 from ling.model import build_model
 from ling.tokenizer import Tokenizer
-from ling.train.lora import LoRAConfig, apply_lora, save_adapter
-from ling.train.vocab import resize_vocab
+from ling.adapter_dir import save_adapter
+from ling.lora import LoRAConfig, apply_lora
+from ling.vocab import resize_vocab
 
 TEXT = "the cat sat on the mat. the dog sat on the log.\n" * 3
 

@@ -18,7 +18,7 @@ from ling.model import build_model
 from ling.tokenizer import Tokenizer
 from ling.train.config import TrainConfig
 from ling.train.finetune import FinetuneArgs, run_finetune
-from ling.train.lora import LoRAConfig
+from ling.lora import LoRAConfig
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,?!+0123456789\n"
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ling import cli
-from ling.checkpoint import load_checkpoint, read_safetensors, save_model_dir
+from ling.checkpoint import load_checkpoint, save_model_dir
+from ling.weights import read_safetensors
 from ling.config import ModelConfig, RopeScaling
 from ling.errors import LingError
 from ling.hf.checkpoint import read_hf_config

@@ -13,8 +13,8 @@ from ling.hf.checkpoint import save_hf_dir
 from ling.hf.peft import save_peft_adapter
 from ling.model import build_model
 from ling.tokenizer import Tokenizer
-from ling.train.lora import LoRAConfig, apply_lora
-from ling.train.vocab import resize_vocab
+from ling.lora import LoRAConfig, apply_lora
+from ling.vocab import resize_vocab
 
 GPT2_LIKE = ModelConfig(name="gpt2", vocab_size=64, context_length=32, n_layer=2, n_embd=32, n_head=4, bias="all")
 LLAMA_UNTIED = dataclasses.replace(ModelConfig.from_name("tiny", context_length=32), tie_embeddings=False)

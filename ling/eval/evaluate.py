@@ -38,7 +38,7 @@ class EvalArgs:
     """Evaluate a checkpoint: loss / perplexity / bits per byte, or a classifier's accuracy."""
 
     checkpoint: tyro.conf.Positional[str]
-    """checkpoint directory (ling or Hugging Face), a fine-tuning run's output included"""
+    """checkpoint: a ling or Hugging Face directory (a fine-tuning run's output included), or a GGUF file"""
     data: str
     """a prepared dataset directory, a .txt file, or a .json/.jsonl file of records"""
     split: Literal["val", "train"] = "val"

@@ -2,7 +2,7 @@
 
 Reading never imports transformers: config.json is mapped by the family module named in
 its `architectures`, and the weights stream from the (possibly sharded) safetensors files
-through `ling.checkpoint.load_tensors` with the family's weight map.
+through `ling.weights.load_tensors` with the family's weight map.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ling.atomic import set_default_mode
-from ling.checkpoint import PRODUCER, SafetensorsFiles, load_tensors, resolve_dtype
 from ling.config import ModelConfig
 from ling.errors import LingError, read_json
 from ling.hf import gpt2, llama, mistral, qwen2, qwen3
 from ling.hf.family import Family, parameter_shapes
 from ling.model import Transformer, build_model
 from ling.tokenizer import Tokenizer
+from ling.weights import PRODUCER, SafetensorsFiles, load_tensors, resolve_dtype
 
 FAMILIES: list[Family] = [llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, gpt2.FAMILY]
 """In order of preference when a ling model fits more than one (Llama-shaped → Llama)."""
@@ -34,6 +34,18 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 # ---- reading ------------------------------------------------------------------------------
+def is_hf_dir(path: Path) -> bool:
+    """A Hugging Face model directory: config.json with `architectures`."""
+    config = path / "config.json"
+    if not path.is_dir() or not config.exists():
+        return False
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # not HF's; reading it as ling's config says what is wrong
+    return isinstance(data, dict) and "architectures" in data
+
+
 def read_hf_config(path: Path) -> tuple[Family, ModelConfig]:
     """The family and ling ModelConfig of an HF model directory; LingError if unsupported."""
     config_file = path / "config.json"

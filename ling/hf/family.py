@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import torch
 
-from ling.checkpoint import Source, WeightMap, model_shapes
 from ling.config import ModelConfig, RopeScaling
 from ling.errors import LingError
 from ling.model import Transformer
+from ling.weights import Source, WeightMap, model_shapes
 
 HFModule = str | tuple[str, str, str]
 """An HF module name, or three (q, k, v) that ling fuses into one `attn.qkv` projection."""
@@ -51,7 +51,7 @@ class Family:
         return [need for need, ok in self.requirements.items() if not ok(cfg)]
 
     def weight_map(self, cfg: ModelConfig) -> WeightMap:
-        """ling parameter → the HF tensors it is made of (see `ling.checkpoint.Source`)."""
+        """ling parameter → the HF tensors it is made of (see `ling.weights.Source`)."""
         modules = self.modules(cfg)
         q_rows, kv_rows = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         result: WeightMap = {}

@@ -55,7 +55,7 @@ class ModelArgs:
     """Which model to run, where, and how (shared by `ling generate` and `ling chat`)."""
 
     ckpt: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CKPT")]
-    """checkpoint directory (ling or Hugging Face format)"""
+    """checkpoint: a ling or Hugging Face directory, or a GGUF file"""
     device: str = "auto"
     """cpu, cuda, mps, ... (auto: cuda > mps > cpu)"""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -27,7 +27,7 @@ class ServeArgs:
     """Serve a checkpoint with an OpenAI-compatible API and a chat page."""
 
     ckpt: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CKPT")]
-    """checkpoint directory (ling or Hugging Face format)"""
+    """checkpoint: a ling or Hugging Face directory, or a GGUF file"""
     host: str = "127.0.0.1"
     """address to bind; 0.0.0.0 exposes the server to the network"""
     port: int = 8000

@@ -45,6 +45,7 @@ import torch
 from ling.atomic import atomic_dir
 from ling.config import ModelConfig
 from ling.errors import LingError
+from ling.weights import SafetensorsFiles, model_shapes, unwrap
 
 TRAIN_STATE = "train_state.pt"
 WEIGHTS = "model.safetensors"
@@ -137,8 +138,6 @@ def read_train_state(checkpoint: Path) -> dict:
 
 def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     """Copy a checkpoint's weights into `model` in place (the optimizer keeps its references)."""
-    from ling.checkpoint import SafetensorsFiles, model_shapes, unwrap
-
     bare = unwrap(model)
     saved = ModelConfig.load(checkpoint / "config.json")
     if saved.to_dict() != bare.cfg.to_dict():
@@ -159,8 +158,6 @@ def intact_weights(checkpoint: Path) -> bool:
     """Whether a checkpoint's weights read back (safetensors files whose headers fit their
     sizes, beside a config that parses): worth starting a new run from, even without its
     train state."""
-    from ling.checkpoint import SafetensorsFiles
-
     files = sorted(checkpoint.glob("*.safetensors"))
     configs = [c for c in (checkpoint / "config.json", checkpoint / "adapter_config.json") if c.is_file()]
     if not files or not configs:

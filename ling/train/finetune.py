@@ -47,9 +47,10 @@ from ling.train import distributed
 from ling.train.checkpointing import load_model_weights
 from ling.train.config import TrainConfig
 from ling.train.heads import SequenceClassifier, load_head_weights, save_head
-from ling.train.lora import ADAPTER_WEIGHTS, LoRAConfig, apply_lora, load_adapter_state_dict, save_adapter
+from ling.adapter_dir import ADAPTER_WEIGHTS, save_adapter
+from ling.lora import LoRAConfig, apply_lora, load_adapter_state_dict
 from ling.train.trainer import Trainer
-from ling.train.vocab import resize_vocab
+from ling.vocab import resize_vocab
 
 
 def _finetune_train_config() -> TrainConfig:
@@ -62,7 +63,7 @@ class FinetuneArgs:
     """Fine-tune a pretrained model on instruction, chat, text or labelled data (full or LoRA)."""
 
     base: str
-    """the pretrained model: a ling checkpoint directory or a Hugging Face model directory"""
+    """the pretrained model: a ling checkpoint directory, a Hugging Face model directory or a GGUF file"""
     data: str
     """training data: .json/.jsonl in Alpaca, chat-messages, ShareGPT or {"text"} format"""
     out: str

@@ -12,10 +12,12 @@ PEFT — q, k, v, o, gate, up, down. Our attention fuses q, k and v into one `at
 - `LoRALinear` keeps the base `weight`/`bias` under their own names: the base part of the
   state dict is unchanged, adapter tensors are the `lora_A.<target>` / `lora_B.<target>` extras.
 - `merge_lora` folds every update into its weight and returns a plain `Transformer`.
-- An adapter directory holds `adapter.json` (LoRA settings, the base it was trained on, the
-  vocabulary it needs) and `adapter.safetensors` (ling names), plus the tokenizer files;
-  `load_with_adapter` rebuilds base + adapter from it. (`ling.hf.peft` writes the same
-  tensors under PEFT's names for transformers users.)
+- `adapter_state_dict` is only what training changed, under ling names: `ling.adapter_dir`
+  stores it as an adapter directory (and loads base + adapter back), `ling.hf.peft` writes
+  the same tensors under PEFT's names for transformers users.
+
+This lives below `train/` because inference needs it too: a LoRA run's output is a
+checkpoint that `generate`, `serve` or `eval` open by merging the adapter into its base.
 
 Tokens a fine-tuning run adds to the vocabulary (the ChatML markers) have no useful base
 embedding, so in LoRA runs their rows train too (`train_token_rows`, PEFT's
@@ -25,25 +27,18 @@ an untied LM head).
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 
 from ling.atomic import set_default_mode
 from ling.config import ModelConfig
-from ling.dataclass_io import from_dict, to_dict
 from ling.errors import LingError
 from ling.model import Transformer
-from ling.train.vocab import resize_vocab
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -99,6 +94,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, slices: dict[str, tuple[int, int]], rank: int, alpha: float, dropout: float):
         super().__init__()
+        self.linear_type = type(linear)
+        """the class of the layer this wraps, which `merged` gives back"""
         self.weight = linear.weight
         self.bias = linear.bias
         self.weight.requires_grad_(False)
@@ -136,7 +133,7 @@ class LoRALinear(nn.Module):
         return delta
 
     def merged(self) -> nn.Linear:
-        linear = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None,
+        linear = self.linear_type(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None,
                            device="meta", dtype=self.weight.dtype)
         linear.weight = nn.Parameter((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
         if self.bias is not None:
@@ -245,94 +242,3 @@ def merge_lora(model: Transformer) -> Transformer:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
-
-
-# ---- adapter directories -----------------------------------------------------------------
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter.json", "adapter.safetensors"
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).exists()
-
-
-def save_adapter(model: Transformer, config: LoRAConfig, directory: str | Path, base: str,
-                 train_token_ids: list[int]) -> None:
-    """Write the adapter tensors and what is needed to put them back on `base`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt", "producer": "ling"})
-    set_default_mode(directory / ADAPTER_WEIGHTS)
-    info = {"base": str(base), "lora": to_dict(config), "vocab_size": model.cfg.vocab_size,
-            "train_token_ids": list(train_token_ids)}
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def load_with_adapter(directory: str | Path, base: str | None = None, device="cpu", dtype=None, merge: bool = True):
-    """(model, tokenizer): the base checkpoint named in the adapter (or `base`) with the adapter
-    applied — merged into plain weights unless `merge=False`. The tokenizer is the adapter's."""
-    from ling.checkpoint import load_checkpoint
-    from ling.tokenizer import Tokenizer
-
-    directory = Path(directory)
-    where = directory / ADAPTER_CONFIG
-    try:
-        info = json.loads(where.read_text())
-        config = from_dict(LoRAConfig, info["lora"], where=str(where))
-        base = base or info["base"]
-        vocab_size, token_ids = int(info["vocab_size"]), list(info["train_token_ids"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise LingError(f"{where}: not a readable ling adapter config ({e})") from None
-    if not Path(base).exists():
-        raise LingError(f"{where}: the base model '{base}' does not exist; pass --base to say where it is now")
-    model, tokenizer = load_checkpoint(base, device=device, dtype=dtype)
-    if model.cfg.vocab_size > vocab_size:
-        raise LingError(f"{where}: the adapter was trained for a vocabulary of {vocab_size} tokens, but "
-                        f"'{base}' has {model.cfg.vocab_size}: is this the right base?")
-    resize_vocab(model, vocab_size)
-    apply_lora(model, config, token_ids)
-    try:
-        state = load_file(str(directory / ADAPTER_WEIGHTS))
-    except Exception as e:  # safetensors raises its own error types on a corrupt file
-        raise LingError(f"{directory / ADAPTER_WEIGHTS}: cannot read adapter weights ({e})") from None
-    load_adapter_state_dict(model, state, str(directory / ADAPTER_WEIGHTS))
-    if token_ids and state["embed.token_rows.ids"].tolist() != token_ids:
-        raise LingError(f"{directory}: {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} disagree on the trained token ids")
-    if (directory / "tokenizer.json").exists():
-        tokenizer = Tokenizer.load(directory)
-    return (merge_lora(model) if merge else model), tokenizer
-
-
-# ---- `ling merge` ------------------------------------------------------------------------
-@dataclass
-class MergeArgs:
-    """Fold a LoRA adapter into its base model and write a plain checkpoint directory."""
-
-    adapter: str
-    """adapter directory (a LoRA run's output, or one of its checkpoints)"""
-    out: str
-    """where to write the merged checkpoint"""
-    base: Optional[str] = None
-    """base checkpoint or Hugging Face directory (default: the one recorded in the adapter)"""
-    dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None
-    """dtype of the merged weights (default: the base's)"""
-    overwrite: bool = False
-    """replace `out` if it holds a ling checkpoint (swapped once the merged one is complete)"""
-
-
-def merge(args: MergeArgs) -> None:
-    from ling.atomic import atomic_dir, check_output_dir
-    from ling.checkpoint import is_hf_dir, save_model_dir, written_by_ling
-    from ling.train.heads import HEAD_CONFIG, HEAD_WEIGHTS
-
-    if not is_adapter_dir(args.adapter):
-        raise LingError(f"{args.adapter}: no {ADAPTER_CONFIG} here — give the output directory of a LoRA run")
-    check_output_dir(args.out, args.overwrite, lambda path: written_by_ling(path) and not is_hf_dir(path),
-                     "a checkpoint")
-    model, tokenizer = load_with_adapter(args.adapter, args.base, dtype=args.dtype)
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        save_model_dir(model, tokenizer, tmp)
-        for name in (HEAD_CONFIG, HEAD_WEIGHTS):  # a classifier's head stays beside its body
-            if (Path(args.adapter) / name).exists():
-                shutil.copyfile(Path(args.adapter) / name, tmp / name)
-    print(f"merged {args.adapter} into its base: {model.num_params():,} parameters written to {args.out}")
