@@ -19,11 +19,12 @@ from the repo root:
 
     PYTHONPATH=. python benchmarks/bench_generate.py [--rounds 3] [--models gpt-6x384 llama-110m smollm2-135m-shape]
         [--dtypes fp32 bf16] [--batches 1 8] [--threads 2] [--clock wall] [--compile] [--reference]
-        [--llama-cpp DIR --llama-cpp-src DIR]
+        [--llama-cpp DIR] [--text ../shared/data/tinyshakespeare.txt]
 
 `--reference` adds a row for `--kernels reference` (the plain model). `--llama-cpp` adds
-llama.cpp at batch 1 (its `llama-bench` in DIR, on the same weights converted to GGUF by
-the `convert_hf_to_gguf.py` of its sources in `--llama-cpp-src`; f32 or bf16 as the row).
+llama.cpp at batch 1 (its `llama-bench` in DIR, on the same weights exported by `ling
+convert to-gguf`, f32 or bf16 as the row; the BPE models get a tokenizer trained on
+`--text` for the export; the character-vocabulary GPT-2 has none, so no llama.cpp row).
 
 `--clock cpu` times with this process's CPU time instead of the wall clock: with
 `--threads 1` on a machine shared with other jobs, that approximates what an idle core would
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -66,12 +66,22 @@ MODELS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def hf_dir(name: str, root: Path) -> Path:
-    """The model's HF directory (random init, saved once)."""
+def hf_dir(name: str, root: Path, text: Path | None = None) -> Path:
+    """The model's HF directory (random init, saved once). With `text`, a BPE model also gets
+    a byte-level BPE tokenizer of its vocabulary size trained on it (padded with special
+    tokens where the text gives fewer merges), so that it exports to GGUF for llama.cpp."""
     path = root / name
+    config = MODELS[name]()
     if not (path / "config.json").exists():
         torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(MODELS[name]()).save_pretrained(path)
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    if text is not None and config.vocab_size >= 512 and not (path / "tokenizer.json").exists():
+        from ling.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.train_bpe([text.read_text()], vocab_size=config.vocab_size)
+        missing = config.vocab_size - tokenizer.vocab_size
+        tokenizer.add_special_tokens([f"<|unused_{i}|>" for i in range(missing)])
+        tokenizer.save(path)
     return path
 
 
@@ -114,13 +124,12 @@ class LlamaCppRunner:
         return {("decode" if t["n_gen"] else "prefill"): t["avg_ts"] for t in tests}
 
 
-def gguf_of(hf_path: Path, dtype: str, src: Path) -> Path:
-    """The HF directory converted by llama.cpp's own converter (once)."""
-    out = hf_path / f"model-{dtype}.gguf"
+def gguf_of(hf_path: Path, dtype: str) -> Path:
+    """The HF directory as a GGUF file, by `ling convert to-gguf` (once)."""
+    out = hf_path.with_name(f"{hf_path.name}-{dtype}.gguf")
     if not out.exists():
-        env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
-        subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_path), "--outfile", str(out),
-                        "--outtype", {"fp32": "f32", "bf16": "bf16"}[dtype]], check=True, env=env,
+        subprocess.run([sys.executable, "-m", "ling", "convert", "to-gguf", str(hf_path), str(out),
+                        "--dtype", {"fp32": "f32", "bf16": "bf16"}[dtype]], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out
 
@@ -182,7 +191,8 @@ def main():
     parser.add_argument("--compile", action="store_true", help="add a ling row with torch.compile")
     parser.add_argument("--reference", action="store_true", help="add a ling row with --kernels reference")
     parser.add_argument("--llama-cpp", type=Path, help="directory of llama.cpp's llama-bench: add llama.cpp at batch 1")
-    parser.add_argument("--llama-cpp-src", type=Path, help="llama.cpp's sources (convert_hf_to_gguf.py, gguf-py)")
+    parser.add_argument("--text", type=Path, default=Path("../shared/data/tinyshakespeare.txt"),
+                        help="text to train the BPE tokenizers the GGUF exports need")
     parser.add_argument("--dir", default="/tmp/ling-bench-generate", help="where the HF models are saved")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -197,7 +207,7 @@ def main():
           "of bandwidth ceiling | same tokens |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---|")
     for model in args.models:
-        path = hf_dir(model, Path(args.dir))
+        path = hf_dir(model, Path(args.dir), args.text if args.llama_cpp is not None else None)
         config = MODELS[model]()
         vocab = config.vocab_size
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
@@ -215,9 +225,9 @@ def main():
                     print(f"<!-- {model} {dtype} batch {batch}: compiled in "
                           f"{runners['ling (compile)'].compile_s:.1f} s -->", flush=True)
                 runners["transformers"] = hf
-                if args.llama_cpp is not None and batch == 1:
-                    runners["llama.cpp"] = LlamaCppRunner(args.llama_cpp / "llama-bench",
-                                                          gguf_of(path, dtype, args.llama_cpp_src), args.threads)
+                if args.llama_cpp is not None and batch == 1 and (path / "tokenizer.json").exists():
+                    runners["llama.cpp"] = LlamaCppRunner(args.llama_cpp / "llama-bench", gguf_of(path, dtype),
+                                                          args.threads)
                 results = bench(runners, prompts, args.new_tokens, args.rounds)
                 reference = results["transformers"]
                 for name, r in results.items():

@@ -112,7 +112,7 @@ def main() -> None:
     print(f"{data.name}: {megabytes:.2f} MB, {args.rounds} interleaved rounds, median; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"tokenizers {tokenizers.__version__}, transformers {transformers.__version__}\n")
-    print(f"| tokenizer | case | MB/s | vs peer |\n|---|---|---:|---:|")
+    print("| tokenizer | case | MB/s | vs peer |\n|---|---|---:|---:|")
     for (kind, name), mbps in rate.items():
         print(f"| {kind} | {name} | {mbps:.2f} | {mbps / rate[(kind, peers[kind])]:.2f}x |")
 

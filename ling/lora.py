@@ -35,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from ling.atomic import set_default_mode
 from ling.config import ModelConfig
 from ling.errors import LingError
 from ling.model import Transformer
