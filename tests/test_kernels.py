@@ -13,12 +13,13 @@ from ling.errors import LingError
 from ling.kernels import Choice, KernelReport, Probe, apply_inference_kernels, apply_training_kernels, check_mode
 from ling.kernels import plan_inference_kernels, plan_training_kernels
 from ling.kernels.cpu_attention import SingleQueryAttention, explicit_attention, single_query_attention
+from ling.kernels.lean_block import LeanBlock, LeanRMSNorm
 from ling.kernels.gelu import FusedGeluMLP, SigmoidGeluMLP, compiled_gelu_tanh
 from ling.kernels.grad_ops import ATenGradEmbedding, BiasGradLinear
 from ling.kernels.prepack import PrepackedLinear, can_prepack
 from ling.kernels.probe import CACHE_FILE
 from ling.kernels.swap import swap_class
-from ling.model import MLP, Attention, block_causal_mask, build_model
+from ling.model import MLP, Attention, Block, KVCache, RMSNorm, block_causal_mask, build_model
 
 BF16 = dict(rtol=1.6e-2, atol=1e-2)
 """bf16 results against fp32 ones: torch.testing's bf16 tolerance (eps = 2^-8 → rtol 1.6e-2)"""
@@ -164,6 +165,52 @@ def test_prepacked_linear_computes_f_linear(dtype):
             torch.testing.assert_close(packed(x), linear(x))
 
 
+QWEN3_LIKE = ModelConfig(vocab_size=61, context_length=32, n_layer=2, n_embd=32, n_head=4, n_kv_head=1, head_dim=16,
+                         mlp="swiglu", mlp_hidden=48, norm="rmsnorm", position="rope", qk_norm=True, bias="qkv")
+
+
+@pytest.mark.parametrize("cfg", [GPT2_LIKE, LLAMA_GQA, QWEN3_LIKE], ids=["gpt2", "llama-gqa", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [True, False], ids=["prepacked", "aten"])
+def test_the_lean_block_computes_the_reference_block_prefilling_and_decoding(cfg, dtype, packed):
+    if packed and not can_prepack("cpu", dtype):
+        pytest.skip(f"oneDNN cannot prepack {dtype} on this CPU")
+    torch.manual_seed(0)
+    reference = build_model(cfg).to(dtype).eval()
+    lean = build_model(cfg).to(dtype).eval()
+    lean.load_state_dict(reference.state_dict())
+    if packed:
+        from ling.kernels.swap import replace_modules
+        replace_modules(lean, lambda m: type(m) is nn.Linear, PrepackedLinear)
+    swap_class(lean, Block, LeanBlock)
+    swap_class(lean, RMSNorm, LeanRMSNorm)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    tolerance = {} if dtype == torch.float32 else BF16
+    with torch.inference_mode():
+        torch.testing.assert_close(lean(tokens), reference(tokens), **tolerance)  # no cache: causal
+        caches = [KVCache(cfg, 2, 16, dtype=dtype) for _ in range(2)]
+        positions = torch.arange(8).expand(2, 8)
+        for model, cache in zip((reference, lean), caches):
+            model(tokens[:, :8], positions, cache=cache)  # prefill
+        step = [model(tokens[:, 8:], torch.tensor([[8], [8]]), cache=cache) for model, cache in zip((reference, lean), caches)]
+    torch.testing.assert_close(step[1], step[0], **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_rms_norm_is_rms_norm(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(48, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    lean = RMSNorm(48, 1e-5)
+    lean.load_state_dict(norm.state_dict())
+    swap_class(lean, RMSNorm, LeanRMSNorm)
+    x = (torch.randn(3, 5, 48) * 4).to(dtype)
+    tolerance = {} if dtype == torch.float32 else BF16
+    torch.testing.assert_close(lean.to(dtype)(x), norm.to(dtype)(x), **tolerance)
+    assert list(lean.state_dict()) == ["weight"]  # the doubled weight is not state
+
+
 # ---- whole models --------------------------------------------------------------------
 def report_with(**picks) -> KernelReport:
     return KernelReport("auto", [Choice(part, picked, "rule") for part, picked in picks.items()])
@@ -220,13 +267,14 @@ def test_every_inference_kernel_decodes_the_reference_models_greedy_tokens(cfg, 
     reference = build_model(cfg).to(dtype).eval()
     fast = build_model(cfg).to(dtype).eval()
     fast.load_state_dict(reference.state_dict())
-    picks = {"decode attention": "matmuls, float32 cache"}
+    picks = {"decode attention": "matmuls, float32 cache", "layer": "lean"}
     picks.update({c.part: "prepacked" for c in plan_inference_kernels(fast, mode="auto", max_batch_size=2, max_len=32).choices
                   if c.part.startswith("linear")})
     cache_dtype = apply_inference_kernels(fast, report_with(**picks))
     assert cache_dtype == torch.float32
     assert any(isinstance(m, PrepackedLinear) for m in fast.modules())
     assert all(type(m) is SingleQueryAttention for m in fast.modules() if isinstance(m, Attention))
+    assert all(type(m) is LeanBlock for m in fast.blocks)
     prompts = [[5, 9, 2], list(range(1, 20))]
     params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
     with torch.inference_mode():

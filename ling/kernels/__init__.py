@@ -8,6 +8,7 @@ Each module is one concept — a faster way to compute one part of the model on 
 - `grad_ops`: bias and embedding gradients kept as ATen ops in a compiled CPU step;
 - `gelu`: GPT-2's GELU as one fused loop for training;
 - `prepack`: linear weights in oneDNN's blocked layout for decoding;
+- `lean_block`: a transformer layer for inference in fewer operations (fused epilogues);
 - `cuda_attention`: SDPA's backend pinned on CUDA;
 - `compile_decision`: whether compiling the decode step pays for a request.
 

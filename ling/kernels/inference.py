@@ -5,7 +5,9 @@ On CPU, timed on the model's own shapes (`Probe`):
   (`prepack`), at one row and at the engine's batch size;
 - the decode step's attention: SDPA or `single_query_attention`, together with the KV
   cache's dtype for a bf16 model (fp32 or bf16: CPU attention kernels differ a lot between
-  the two for one query per row).
+  the two for one query per row);
+- the layer: `Block` or `LeanBlock` (the same computation in fewer operations, with the
+  linear layers' epilogues fused), timed as one layer's decode step with the picks above.
 A compiled engine (`compile=True`) leaves the linears to inductor's frozen weights (it
 prepacks them itself) and writes decode attention as matmuls for inductor to fuse.
 `mode="reference"`: the plain model, with a cache in the model's dtype.
@@ -20,15 +22,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ling.kernels.cpu_attention import SingleQueryAttention, single_query_attention
+from ling.kernels.lean_block import LeanBlock, LeanRMSNorm
 from ling.kernels.prepack import PrepackedLinear, can_prepack
 from ling.kernels.probe import Probe
 from ling.kernels.report import Choice, KernelReport, check_mode
 from ling.kernels.swap import replace_modules, swap_class
-from ling.model import Attention, KVCache, Transformer
+from ling.model import Attention, Block, KVCache, RMSNorm, Transformer, build_model
 
 PROBE_CONTEXT = 256
 """cache slots in use when the decode attention is timed (a typical mid-generation length)"""
-LINEAR, DECODE_ATTENTION = "linear", "decode attention"
+LINEAR, DECODE_ATTENTION, LAYER = "linear", "decode attention", "layer"
 
 
 def plan_inference_kernels(model: Transformer, *, mode: str, max_batch_size: int, max_len: int, compile: bool = False,
@@ -46,7 +49,9 @@ def plan_inference_kernels(model: Transformer, *, mode: str, max_batch_size: int
     if can_prepack(device, dtype):
         for shape, example in _linear_shapes(model).items():
             report.add(_time_linear(shape, example, probe, max_batch_size))
-    report.add(_time_decode_attention(model.cfg, dtype, probe, max_batch_size, min(max_len, PROBE_CONTEXT)))
+    slots = min(max_len, PROBE_CONTEXT)
+    report.add(_time_decode_attention(model.cfg, dtype, probe, max_batch_size, slots))
+    report.add(_time_layer(model.cfg, dtype, report, probe, max_batch_size, slots))
     return report
 
 
@@ -58,6 +63,9 @@ def apply_inference_kernels(model: Transformer, report: KernelReport) -> torch.d
     attention = report.picked(DECODE_ATTENTION)
     if attention is not None and attention.startswith("matmuls"):
         swap_class(model, Attention, SingleQueryAttention)
+    if report.picked(LAYER) == "lean":
+        swap_class(model, Block, LeanBlock)
+        swap_class(model, RMSNorm, LeanRMSNorm)
     if attention is not None and attention.endswith("float32 cache"):
         return torch.float32
     return next(model.parameters()).dtype
@@ -122,3 +130,30 @@ def _time_decode_attention(model_cfg, dtype: torch.dtype, probe: Probe, batch: i
     with torch.inference_mode():
         return probe.pick(DECODE_ATTENTION, f"B={batch},S={slots},H={cfg.n_head},Hkv={cfg.n_kv_head},"
                                             f"D={cfg.head_dim}|{dtype}", candidates)
+
+
+def _time_layer(model_cfg, dtype: torch.dtype, picks: KernelReport, probe: Probe, batch: int, slots: int) -> Choice:
+    """One layer's decode step (random weights of the model's shape, the kernels picked so
+    far), as `Block` and as `LeanBlock`."""
+    cfg = copy.copy(model_cfg)
+    cfg.n_layer = 1
+    layers = {}
+    for name in ("reference", "lean"):
+        torch.manual_seed(0)
+        model = build_model(cfg, dtype=dtype).eval()
+        cache = KVCache(cfg, batch, slots, dtype=apply_inference_kernels(model, picks))
+        if name == "lean":
+            swap_class(model, Block, LeanBlock)
+            swap_class(model, RMSNorm, LeanRMSNorm)
+        layers[name] = (model.blocks[0], cache, model)
+    positions = torch.full((batch, 1), slots - 1)
+    mask = (torch.arange(slots)[None, None, :] <= positions[:, :, None])[:, None]
+    x = torch.randn(batch, 1, cfg.n_embd, generator=torch.Generator().manual_seed(0)).to(dtype)
+    model = layers["reference"][2]
+    rope = None if cfg.position != "rope" else (model.rope_cos[positions][:, :, None], model.rope_sin[positions][:, :, None])
+    candidates = {name: (lambda block=block, cache=cache: block(x, rope, positions, mask, cache, 0))
+                  for name, (block, cache, _) in layers.items()}
+    with torch.inference_mode():
+        return probe.pick(LAYER, f"{cfg.n_embd},{cfg.n_head},{cfg.n_kv_head},{cfg.head_dim},{cfg.mlp}:{cfg.mlp_hidden},"
+                                 f"{cfg.norm},{cfg.bias},qk_norm={cfg.qk_norm}|B={batch},S={slots}|{dtype}|"
+                                 + ",".join(f"{c.part}={c.picked}" for c in picks.choices), candidates)
