@@ -6,7 +6,10 @@ own worker process (so each runs with the process settings its library gives it)
 workers take turns, round after round, so that a busy machine slows them alike; the table
 gives the median of the rounds.
 
-    PYTHONPATH=. python benchmarks/train_throughput.py [--rounds 5] [--steps 3] [--compile]
+    PYTHONPATH=. python benchmarks/train_throughput.py [--rounds 5] [--steps 3] [--compile] [--kernels]
+
+`--kernels` adds ling with `--kernels reference` (the plain model: the same math as
+transformers). The table starts with the machine (`machine.py`).
 
 On a busy machine, `--threads 1 --clock cpu` measures each worker's CPU time on one thread
 instead of wall time: other processes then barely move the ratios.
@@ -26,7 +29,7 @@ import torch
 V, T, MB = 65, 256, 16
 
 
-def ling_step(precision: str, compile: bool, tokens: torch.Tensor):
+def ling_step(precision: str, compile: bool, tokens: torch.Tensor, kernels: str = "auto"):
     from ling.config import ModelConfig
     from ling.data.batch import Batch
     from ling.model import build_model
@@ -48,7 +51,8 @@ def ling_step(precision: str, compile: bool, tokens: torch.Tensor):
     train = TrainConfig(max_steps=10**6, batch_tokens=MB * T, micro_batch=MB, precision=precision, compile=compile,
                         warmup_steps=0)
     trainer = Trainer(model, train, SameBatch(), [], tempfile.mkdtemp(), device=torch.device("cpu"),
-                      precision=precision, flops_per_token=cfg.flops_per_token(T))
+                      precision=precision, flops_per_token=cfg.flops_per_token(T), kernels=kernels)
+    print(f"ling {precision}{' compiled' if compile else ''}: {trainer.kernels.summary()}", file=sys.stderr)
     return lambda: trainer.train_step().loss.item()
 
 
@@ -86,7 +90,8 @@ def worker(conn, variant: tuple, threads: int, clock_name: str):
     torch.manual_seed(0)
     tokens = torch.randint(0, V, (MB, T + 1), generator=torch.Generator().manual_seed(0))
     library, precision, option = variant
-    step = (ling_step(precision, option == "compiled", tokens) if library == "ling"
+    step = (ling_step(precision, option == "compiled", tokens, "reference" if option == "reference" else "auto")
+            if library == "ling"
             else hf_step(precision, tokens, option == "ling malloc"))
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     t0 = time.perf_counter()
@@ -108,11 +113,17 @@ def main():
     parser.add_argument("--compile", action="store_true", help="add ling with --train.compile")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: process CPU time (with --threads 1, robust to other load)")
+    parser.add_argument("--kernels", action="store_true", help="add ling with --kernels reference (the plain model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from benchmarks.machine import describe, header
+
+    print(header(describe(args.threads)), flush=True)
     variants = []
     for precision in ("fp32", "bf16"):
         variants += [("transformers", precision, ""), ("ling", precision, "")]
+        if args.kernels:
+            variants.append(("ling", precision, "reference"))
         if args.compile:
             variants.append(("ling", precision, "compiled"))
     variants.append(("transformers", "bf16", "ling malloc"))
