@@ -373,7 +373,7 @@ def test_what_ling_refuses_to_import_is_one_clear_line(tmp_path, bpe, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert cli.main(["convert", "from-gguf", str(tmp_path / "good.gguf"), str(tmp_path / "out")]) == 1
-    assert "already exists and is not empty (pass --overwrite" in capsys.readouterr().err
+    assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
     assert cli.main(["generate", str(tmp_path / "not.gguf"), "--prompt", "A"]) == 1
     assert "not.gguf: not a GGUF file" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()

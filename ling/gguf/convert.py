@@ -13,10 +13,10 @@ from typing import Annotated, Literal, Optional
 
 import tyro
 
-from ling.atomic import atomic_dir
-from ling.checkpoint import load_checkpoint, save_model_dir
+from ling.atomic import atomic_dir, check_output_dir
+from ling.checkpoint import is_hf_dir, load_checkpoint, save_model_dir, written_by_ling
 from ling.errors import LingError
-from ling.gguf.reader import load_gguf
+from ling.gguf.reader import is_gguf_file, load_gguf
 from ling.gguf.writer import FILE_TYPES, save_gguf
 
 
@@ -32,7 +32,7 @@ class ToGGUFArgs:
     """f32, f16, bf16, q8_0 or q4_0: type of the weight matrices (norms and biases stay f32); q8_0 and q4_0
     are llama.cpp's block quantisations"""
     overwrite: bool = False
-    """replace OUT.gguf if it exists"""
+    """replace OUT.gguf if it is a GGUF file"""
 
 
 @dataclass
@@ -46,7 +46,7 @@ class FromGGUFArgs:
     dtype: Optional[Literal["bf16", "fp16", "fp32"]] = None
     """dtype of the written weights (default: the file's F32/F16/BF16; fp32 for quantised files)"""
     overwrite: bool = False
-    """replace OUT_DIR if it exists"""
+    """replace OUT_DIR if it holds a ling checkpoint (swapped once the new one is complete)"""
 
 
 def _size_text(nbytes: int) -> str:
@@ -60,8 +60,12 @@ def to_gguf(args: ToGGUFArgs) -> None:
         raise LingError(f"--dtype {args.dtype} is not supported (choose one of {', '.join(FILE_TYPES)})")
     if out.is_dir():
         raise LingError(f"{out}: is a directory; give the path of the .gguf file to write")
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise LingError(f"{out}: exists and is not a plain file; choose another path")
     if out.exists() and not args.overwrite:
         raise LingError(f"{out}: already exists (pass --overwrite to replace it)")
+    if out.exists() and not is_gguf_file(out):
+        raise LingError(f"{out} is not a GGUF file, so --overwrite does not replace it: move it away or choose another path")
     model, tokenizer = load_checkpoint(args.ckpt)
     if tokenizer is None:
         raise LingError(f"{args.ckpt}: no tokenizer.json — a GGUF file needs the tokenizer to run in llama.cpp")
@@ -73,10 +77,7 @@ def to_gguf(args: ToGGUFArgs) -> None:
 def from_gguf(args: FromGGUFArgs) -> None:
     start = time.perf_counter()
     out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise LingError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise LingError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
+    check_output_dir(out, args.overwrite, lambda path: written_by_ling(path) and not is_hf_dir(path), "a checkpoint")
     source = Path(args.gguf_file)
     if not source.is_file():
         raise LingError(f"{source}: no such file")
