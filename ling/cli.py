@@ -44,7 +44,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                           "prepare the builtin corpus, pretrain a small model for ~2 minutes, sample from it"),
     "finetune": Command("ling.train.finetune:FinetuneArgs:finetune", "fine-tune a model: full or LoRA, chat/instruction SFT or a task head"),
     "merge": Command("ling.merge:MergeArgs:merge", "fold a LoRA adapter into its base model"),
-    "eval": Command("ling.eval.evaluate:EvalArgs:evaluate", "loss / perplexity / bits-per-byte, or a classifier's accuracy"),
+    "eval": Command("ling.eval.evaluate:EvalArgs:evaluate", "loss / perplexity / bits-per-byte, a classifier's accuracy, or lm-eval tasks (--tasks)"),
     "generate": Command("ling.infer.generate:GenerateArgs:generate", "generate text from a checkpoint (one prompt or a file)"),
     "chat": Command("ling.infer.chat:ChatArgs:chat", "chat with a checkpoint in the terminal"),
     "convert": {

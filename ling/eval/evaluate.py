@@ -1,4 +1,5 @@
-"""`ling eval CKPT --data ...`: how good is a checkpoint on some data.
+"""`ling eval CKPT --data ...`: how good is a checkpoint on some data (and `--tasks`: on
+standard benchmarks through lm-evaluation-harness, see `ling.eval.tasks`).
 
 - A language model on text (a prepared dataset directory, a .txt file, or a JSONL of
   {"text"} records): loss, perplexity and bits per byte over every token. The text is cut
@@ -39,8 +40,20 @@ class EvalArgs:
 
     checkpoint: tyro.conf.Positional[str]
     """checkpoint: a ling or Hugging Face directory (a fine-tuning run's output included), or a GGUF file"""
-    data: str
+    data: Optional[str] = None
     """a prepared dataset directory, a .txt file, or a .json/.jsonl file of records"""
+    tasks: Optional[str] = None
+    """instead of --data: lm-eval task names, comma-separated (hellaswag,arc_easy, or your own in --tasks-dir)"""
+    tasks_dir: Optional[str] = None
+    """--tasks: a folder of your own lm-eval task YAML files (over local json/jsonl/csv files: offline)"""
+    num_fewshot: Optional[int] = None
+    """--tasks: examples shown before each question (default: each task's own)"""
+    limit: Optional[float] = None
+    """--tasks: at most this many documents per task (below 1: that fraction)"""
+    log_samples: bool = False
+    """--tasks: also write every scored sample, one JSONL file per task beside --out"""
+    bootstrap_iters: int = 100000
+    """--tasks: bootstrap resamples for the standard errors of non-mean metrics (0 = none)"""
     split: Literal["val", "train"] = "val"
     """which split of a dataset directory"""
     data_format: DataFormat = "auto"
@@ -54,6 +67,7 @@ class EvalArgs:
     max_seq_len: Optional[int] = None
     """window / example length in tokens (default: the model's context length)"""
     batch_size: int = 8
+    """sequences per forward pass"""
     max_tokens: Optional[int] = None
     """evaluate at most this many tokens of a text or dataset (default: all)"""
     device: str = "auto"
@@ -65,7 +79,7 @@ class EvalArgs:
     max_new_tokens: int = 128
     """--exact-match: longest answer generated"""
     out: Optional[str] = None
-    """also write the results to this JSON file"""
+    """also write the results to this JSON file (--tasks: lm-eval's results layout)"""
 
 
 def _dataset_ids(path: Path, split: str, model_vocab: int, limit: int | None) -> list[int]:
@@ -129,6 +143,13 @@ def _score_chat(model, tokenizer, records, args: EvalArgs, seq_len: int, pad: in
 
 
 def evaluate(args: EvalArgs) -> dict:
+    if (args.data is None) == (args.tasks is None):
+        raise LingError("ling eval needs --data FILE_OR_DIR (loss, perplexity, accuracy) or --tasks NAMES "
+                        "(lm-eval benchmarks), one of the two")
+    if args.tasks is not None:
+        from ling.eval.tasks import run_tasks
+
+        return run_tasks(args)
     device = pick_device(args.device)
     autocast = autocast_context(device.type, args.precision)
     data = Path(args.data)
