@@ -22,6 +22,7 @@ import lm_eval.tasks  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
+from ling import cli  # noqa: E402
 from ling.checkpoint import save_model_dir  # noqa: E402
 from ling.config import ModelConfig  # noqa: E402
 from ling.eval.harness import LingLM  # noqa: E402
@@ -204,26 +205,35 @@ def test_cli_writes_lm_eval_results_and_samples(checkpoints, tasks_dir, tmp_path
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--tasks", "ling_mcq"), "closest: ling_mc"),
-    (("--tasks", "arc_easy"), "--tasks-dir"),
     (("--tasks", "ling_mc", "--log-samples"), "--out"),
     (("--tasks", "ling_mc", "--data", "x.txt"), "one of the two"),
+    (("--tasks", ","), "at least one task"),
 ])
-def test_bad_input_is_one_clear_line(checkpoints, tasks_dir, tmp_path, args, message):
+def test_bad_input_is_one_clear_line(checkpoints, tasks_dir, capsys, args, message):
     ling_dir, _ = checkpoints
-    empty_home = {"HF_HOME": str(tmp_path / "hf-home"), "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")}
-    proc = run_ling("eval", ling_dir, "--tasks-dir", tasks_dir, *args, env=empty_home)
+    assert cli.main(["eval", str(ling_dir), "--tasks-dir", str(tasks_dir), *args]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_unknown_task_names_the_closest_registered_ones(checkpoints, tasks_dir, capsys):
+    ling_dir, _ = checkpoints
+    assert cli.main(["eval", str(ling_dir), "--tasks", "ling_mc,hellaswagg", "--tasks-dir", str(tasks_dir)]) == 1
+    assert capsys.readouterr().err.strip().startswith(
+        f"error: --tasks: unknown task 'hellaswagg' (nor in --tasks-dir {tasks_dir}); closest: hellaswag")
+
+
+def test_a_hub_task_offline_says_to_use_local_files(checkpoints, tmp_path):
+    ling_dir, _ = checkpoints
+    empty = {"HF_HOME": str(tmp_path / "hf-home"), "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")}
+    proc = run_ling("eval", ling_dir, "--tasks", "arc_easy", env=empty)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert len(lines) == 1 and "Hugging Face Hub" in lines[0] and "--tasks-dir DIR" in lines[0], proc.stderr
 
 
-def test_without_lm_eval_the_error_says_how_to_install(checkpoints, tmp_path):
+def test_without_lm_eval_the_error_says_how_to_install(checkpoints, monkeypatch, capsys):
     ling_dir, _ = checkpoints
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "lm_eval.py").write_text("raise ImportError('no lm_eval here')\n")
-    env = {"PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", ""), str(Path.cwd())])}
-    proc = run_ling("eval", ling_dir, "--tasks", "hellaswag", env=env)
-    assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: lm-eval tasks need the lm_eval package: pip install -e '.[eval]'"
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
+    assert cli.main(["eval", str(ling_dir), "--tasks", "hellaswag"]) == 1
+    assert capsys.readouterr().err.strip() == "error: lm-eval tasks need the lm_eval package: pip install -e '.[eval]'"

@@ -16,7 +16,9 @@ import logging
 from pathlib import Path
 
 from ling.atomic import atomic_file
+from ling.device import pick_device
 from ling.errors import LingError
+from ling.train.heads import is_classifier_dir
 
 INSTALL = "lm-eval tasks need the lm_eval package: pip install -e '.[eval]'"
 
@@ -95,40 +97,36 @@ def _write_samples(out: Path, samples: dict) -> list[Path]:
 
 def run_tasks(args) -> dict:
     """Evaluate `args.checkpoint` on `args.tasks` (an `EvalArgs`); the lm_eval results dict."""
-    lm_eval = _lm_eval()
-    from ling.eval.harness import LingLM
-
     if args.log_samples and not args.out:
         raise LingError("--log-samples writes the samples beside the results: give --out results.json too")
     if args.tasks_dir is not None and not Path(args.tasks_dir).is_dir():
         raise LingError(f"--tasks-dir {args.tasks_dir}: no such directory")
-    for noisy in ("lm_eval", "lm-eval"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
         raise LingError("--tasks: give at least one task name (e.g. --tasks hellaswag,arc_easy)")
-    manager = _task_manager(lm_eval, names, args.tasks_dir)
-    from ling.train.heads import is_classifier_dir
-
+    if not Path(args.checkpoint).exists():
+        raise LingError(f"{args.checkpoint}: no such checkpoint directory or .gguf file")
     if is_classifier_dir(args.checkpoint):
         raise LingError(f"{args.checkpoint}: a classifier (task head) checkpoint; lm-eval tasks need a language model")
-    dtype = {"fp32": "fp32", "bf16": "bf16"}[args.precision]
-    from ling.device import pick_device
+    lm_eval = _lm_eval()
+    from ling.eval.harness import LingLM
 
-    lm = LingLM(args.checkpoint, batch_size=args.batch_size, device=str(pick_device(args.device)), dtype=dtype,
-                max_length=args.max_seq_len)
-    limit = args.limit
-    if limit is not None and limit >= 1:
-        limit = int(limit)
+    for noisy in ("lm_eval", "lm-eval"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    manager = _task_manager(lm_eval, names, args.tasks_dir)
+    tasks = _load(manager, names, args.tasks_dir)  # before the model: a task that cannot be built fails fast
+    lm = LingLM(args.checkpoint, batch_size=args.batch_size, device=str(pick_device(args.device)),
+                dtype=args.precision, max_length=args.max_seq_len)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = lm_eval.evaluator.simple_evaluate(
-        model=lm, tasks=_load(manager, names, args.tasks_dir), num_fewshot=args.num_fewshot, limit=limit,
-        task_manager=manager, log_samples=args.log_samples, bootstrap_iters=args.bootstrap_iters)
+        model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit, task_manager=manager,
+        log_samples=args.log_samples, bootstrap_iters=args.bootstrap_iters)
     samples = results.pop("samples", None)
     print(lm_eval.utils.make_table(results))
     if "groups" in results:
         print(lm_eval.utils.make_table(results, "groups"))
     n_requests = sum(v.get("effective", v.get("original", 0)) for v in results.get("n-samples", {}).values())
-    truncated = ", ".join(f"{n} {kind}" for kind, n in lm.truncated.items() if n) or "none"
+    truncated = ", ".join(f"{n} {kind} request(s)" for kind, n in lm.truncated.items() if n) or "none"
     print(f"{len(results['results'])} task(s), {n_requests} documents; contexts truncated on the left to fit "
           f"the {lm.max_length}-token window: {truncated}")
     if args.out:
