@@ -132,6 +132,14 @@ def test_loglikelihood_equals_hflm(models):
     assert ours.truncated["loglikelihood"] == 2
 
 
+def test_a_hugging_face_directory_scores_as_its_ling_checkpoint(models, checkpoints):
+    ours, _ = models
+    _, hf_dir = checkpoints
+    requests = _instances("loglikelihood", [("the cat sat", " on a mat"), ("a bird", " sang in the old tree")])
+    from_hf = LingLM(str(hf_dir), batch_size=2, dtype="fp32").loglikelihood(requests, disable_tqdm=True)
+    torch.testing.assert_close(from_hf, ours.loglikelihood(requests, disable_tqdm=True))
+
+
 def test_shared_contexts_score_as_whole_rows(models):
     """Running a shared context once into the cache gives what running every row whole gives."""
     ours, _ = models

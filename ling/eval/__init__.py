@@ -1,1 +1,2 @@
-"""Evaluation: loss, perplexity and bits per byte; exact match of generated answers; classifier accuracy."""
+"""Evaluation: loss, perplexity and bits per byte; exact match of generated answers; classifier accuracy;
+standard benchmarks through lm-evaluation-harness (`harness`, `tasks`)."""

@@ -33,10 +33,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
+from ling.device import pick_device
 from ling.errors import LingError
 from ling.infer.engine import Engine
 from ling.infer.sampling import SamplingParams
-from ling.model import KVCache
 
 DEFAULT_MAX_GEN_TOKS = 256
 """as HFLM: the generation budget when a task gives none"""
@@ -57,17 +57,21 @@ class _Row:
 class LingLM(TemplateLM):
     """lm_eval's `LM` interface on a ling checkpoint (any that `ling` opens) or a ready `Engine`.
 
-    From lm_eval's own command line: `lm_eval --model ling --model_args pretrained=DIR`."""
+    From lm_eval's own command line (ling imported first): `--model ling --model_args pretrained=DIR`."""
 
-    def __init__(self, pretrained: str | Engine, batch_size: int | str = 8, device: str = "cpu",
+    def __init__(self, pretrained: str | Engine, batch_size: int | str = 8, device: str | None = None,
                  dtype: str | None = None, max_length: int | None = None, share_contexts: bool = True,
                  **kwargs):
         super().__init__()
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise LingError(f"batch_size must be a whole number of sequences (got {batch_size!r})")
         batch_size = int(batch_size)
         if isinstance(pretrained, Engine):
             self.engine = pretrained
+            batch_size = min(batch_size, pretrained.max_batch_size)
         else:
-            self.engine = Engine(pretrained, device=device, dtype=dtype, max_batch_size=batch_size, max_len=max_length)
+            self.engine = Engine(pretrained, device=pick_device(device or "auto"), dtype=dtype, max_batch_size=batch_size,
+                                 max_len=max_length)
         if self.engine.tokenizer is None:
             raise LingError(f"{pretrained}: no tokenizer.json; lm-eval tasks are text and need the model's tokenizer")
         self.tokenizer = self.engine.tokenizer
@@ -77,7 +81,6 @@ class LingLM(TemplateLM):
         """run a context shared by several continuations of a batch once (False: every row whole, as HFLM)"""
         self.truncated = defaultdict(int)
         """requests whose context lost tokens from the left to fit the window, by request type"""
-        self._cache: KVCache | None = None
 
     # ---- what TemplateLM needs ------------------------------------------------------------
     @property
@@ -151,12 +154,6 @@ class LingLM(TemplateLM):
         ordered = [r for g in groups for r in sorted(g, key=lambda r: -len(r.tokens))]
         return [ordered[i: i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
 
-    def _scratch_cache(self) -> KVCache:
-        if self._cache is None:
-            self._cache = KVCache(self.engine.cfg, self.batch_size, self.max_length, device=self.device,
-                                  dtype=self.engine.cache.dtype)
-        return self._cache
-
     @torch.inference_mode()
     def _hidden(self, batch: list[_Row]) -> tuple[torch.Tensor, list[int]]:
         """Final hidden states (rows, T, n_embd) of the rows' tokens from each row's start
@@ -178,7 +175,7 @@ class LingLM(TemplateLM):
         tokens = tokens.to(device)
         if not shared:  # every row whole: a plain causal forward, padding on the right
             return model.hidden_states(tokens), starts
-        cache = self._scratch_cache()
+        cache = self.engine.cache  # idle while scoring: lm_eval asks for one kind of request at a time
         index = {key: j for j, key in enumerate(shared)}
         longest = max(len(key) for key in shared)
         contexts = torch.zeros(len(shared), longest, dtype=torch.long)

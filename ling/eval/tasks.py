@@ -16,7 +16,6 @@ import logging
 from pathlib import Path
 
 from ling.atomic import atomic_file
-from ling.device import pick_device
 from ling.errors import LingError
 from ling.train.heads import is_classifier_dir
 
@@ -115,7 +114,7 @@ def run_tasks(args) -> dict:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     manager = _task_manager(lm_eval, names, args.tasks_dir)
     tasks = _load(manager, names, args.tasks_dir)  # before the model: a task that cannot be built fails fast
-    lm = LingLM(args.checkpoint, batch_size=args.batch_size, device=str(pick_device(args.device)),
+    lm = LingLM(args.checkpoint, batch_size=args.batch_size, device=args.device,
                 dtype=args.precision, max_length=args.max_seq_len)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = lm_eval.evaluator.simple_evaluate(
