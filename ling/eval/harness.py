@@ -40,6 +40,10 @@ from ling.infer.sampling import SamplingParams
 
 DEFAULT_MAX_GEN_TOKS = 256
 """as HFLM: the generation budget when a task gives none"""
+SHARE_BELOW = 0.6
+"""run shared contexts apart only when that computes at most this share of the token slots of
+running every row whole: the second pass and the cache copy cost about as much as a few dozen
+tokens, so short contexts are faster whole (measured: BENCHMARKS.md, Evaluation)"""
 
 
 @dataclass
@@ -81,6 +85,8 @@ class LingLM(TemplateLM):
         """run a context shared by several continuations of a batch once (False: every row whole, as HFLM)"""
         self.truncated = defaultdict(int)
         """requests whose context lost tokens from the left to fit the window, by request type"""
+        self.contexts_shared = 0
+        """contexts run once for several rows of a batch (so far)"""
 
     # ---- what TemplateLM needs ------------------------------------------------------------
     @property
@@ -160,12 +166,18 @@ class LingLM(TemplateLM):
         offset (returned): 0, or the length of a context shared with another row of the batch,
         which was run once into the cache."""
         model, device = self.model, self.device
+        keys = [tuple(row.tokens[: row.prefix]) for row in batch]
         counts = defaultdict(int)
-        for row in batch:
-            counts[tuple(row.tokens[: row.prefix])] += 1
+        for key in keys:
+            counts[key] += 1
         shared = [key for key, n in counts.items() if n > 1 and key] if self.share_contexts else []
-        starts = [row.prefix if shared and counts[tuple(row.tokens[: row.prefix])] > 1 else 0 for row in batch]
+        starts = [len(key) if key in shared else 0 for key in keys]
         width = max(len(row.tokens) - s for row, s in zip(batch, starts))
+        if shared:  # two passes (contexts, then the rest) only if they compute much less than one
+            two_pass = len(shared) * max(map(len, shared)) + len(batch) * width
+            if two_pass > SHARE_BELOW * len(batch) * max(len(row.tokens) for row in batch):
+                shared, starts = [], [0] * len(batch)
+                width = max(len(row.tokens) for row in batch)
         # A row ending at the window's last slot, with padding after it, would have its padding
         # written over its own slots: start it earlier (the extra tokens recompute cached ones).
         starts = [min(s, self.max_length - width) for s in starts]
@@ -175,6 +187,7 @@ class LingLM(TemplateLM):
         tokens = tokens.to(device)
         if not shared:  # every row whole: a plain causal forward, padding on the right
             return model.hidden_states(tokens), starts
+        self.contexts_shared += len(shared)
         cache = self.engine.cache  # idle while scoring: lm_eval asks for one kind of request at a time
         index = {key: j for j, key in enumerate(shared)}
         longest = max(len(key) for key in shared)
