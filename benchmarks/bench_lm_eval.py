@@ -15,7 +15,10 @@ Rows: `ling` (contexts shared by several continuations run once into the KV cach
 `ling (whole rows)` (every request run whole, as HFLM does: what sharing the context buys),
 `HFLM` (transformers, lm_eval's default model, with its one-token-continuation cache).
 
-    PYTHONPATH=. python benchmarks/bench_lm_eval.py [--threads 1 --clock cpu] [--rounds 3]
+`--sweep` adds when sharing a context pays: 48 contexts of growing length with 4 random
+~10-token continuations each, ling with its rule (`SHARE_BELOW`) against whole rows.
+
+    PYTHONPATH=. python benchmarks/bench_lm_eval.py [--threads 1 --clock cpu] [--rounds 3] [--sweep]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lm_eval.tasks  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from benchmarks.machine import describe, header  # noqa: E402
@@ -134,6 +138,33 @@ def difference(a: list, b: list) -> str:
     return f"{max(abs(x - y) for x, y in zip(*values)):.1e}"
 
 
+def sweep(lm: LingLM, text: str, rounds: int, clock, seed: int = 0) -> None:
+    """Contexts of growing length, 4 continuations each: the shared plan against whole rows."""
+    rng = random.Random(seed)
+    print("\n| context tokens (mean) | continuations | ling requests/s | whole rows requests/s | ling vs whole |")
+    print("|---:|---:|---:|---:|---:|")
+    for chars in (8, 30, 60, 120, 400):
+        work = []
+        for _ in range(48):
+            start = rng.randrange(len(text) - 2000)
+            for _ in range(4):
+                other = rng.randrange(len(text) - 100)
+                pair = (text[start: start + chars], " " + text[other: other + 40].strip())
+                work.append(Instance("loglikelihood", {}, pair, len(work)))
+        context = statistics.mean(len(lm.tok_encode(r.args[0])) for r in work)
+        times = {True: [], False: []}
+        for _ in range(rounds):
+            for share in (True, False):
+                lm.share_contexts = share
+                begin = clock()
+                lm.loglikelihood(work, disable_tqdm=True)
+                times[share].append(clock() - begin)
+        lm.share_contexts = True
+        rate = {k: len(work) / statistics.median(v) for k, v in times.items()}
+        print(f"| {context:.0f} | 4 | {rate[True]:.0f} | {rate[False]:.0f} | {rate[True] / rate[False]:.2f}x |",
+              flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--text", type=Path, default=Path("../shared/data/tinyshakespeare.txt"))
@@ -144,6 +175,7 @@ def main():
     parser.add_argument("--clock", choices=list(CLOCKS), default="cpu", help="cpu: process CPU time (with --threads 1)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/ling-bench-lm-eval"))
+    parser.add_argument("--sweep", action="store_true", help="add the context-length sweep of sharing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
@@ -180,6 +212,8 @@ def main():
             print(f"| {name} ({call}) | {len(instances)} | {model_name} | {rate:.1f} | {rate / rates['HFLM']:.2f}x | "
                   f"{difference(answers[model_name], answers['HFLM'])} |", flush=True)
     print(f"<!-- ling kernels: {models['ling'].engine.kernels.summary()} -->")
+    if args.sweep:
+        sweep(models["ling"], text, args.rounds, clock)
 
 
 if __name__ == "__main__":

@@ -143,8 +143,8 @@ def test_a_hugging_face_directory_scores_as_its_ling_checkpoint(models, checkpoi
 def test_shared_contexts_score_as_whole_rows(models):
     """Running a shared context once into the cache gives what running every row whole gives."""
     ours, _ = models
-    pairs = [(LONG[:120], c) for c in (" a bird sang", " the dog ran", " to the red door while", " in the old tree near")] + \
-            [(LONG[:60], c) for c in (" our", " small house by")]
+    continuations = (" a bird sang", " the dog ran", " to the red door while", " in the old tree near")
+    pairs = [(LONG[:120], c) for c in continuations] + [(LONG[:60], c) for c in (" our", " small house by")]
     requests = _instances("loglikelihood", pairs)
     before = ours.contexts_shared
     shared = ours.loglikelihood(requests, disable_tqdm=True)

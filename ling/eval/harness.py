@@ -14,8 +14,10 @@ lm_eval's own `HFLM`, so scores are comparable with published ones:
 
 Why it is faster than running a transformers model the same way: multiple-choice tasks score
 several continuations of one context, and HFLM runs the context again for each. Here the
-requests of a batch that share a context are grouped, the context is run once into a KV
-cache, copied to each continuation's cache row, and only the continuations are run. Requests
+requests of a batch that share a context are grouped, the context is run once into the
+engine's KV cache, copied to each continuation's cache row, and only the continuations are
+run — when that computes much less than running every row whole (a short context is faster
+run whole: the second pass and the copy have a cost of their own). Requests
 whose model input is identical (one-token answers such as " A"/" B") share one row. Batches
 are formed longest first, as lm_eval's `Collator` does, and logits are computed only at the
 scored positions. Generation is the Engine's continuous batching, with its kernels.
@@ -74,8 +76,8 @@ class LingLM(TemplateLM):
             self.engine = pretrained
             batch_size = min(batch_size, pretrained.max_batch_size)
         else:
-            self.engine = Engine(pretrained, device=pick_device(device or "auto"), dtype=dtype, max_batch_size=batch_size,
-                                 max_len=max_length)
+            self.engine = Engine(pretrained, device=pick_device(device or "auto"), dtype=dtype,
+                                 max_batch_size=batch_size, max_len=max_length)
         if self.engine.tokenizer is None:
             raise LingError(f"{pretrained}: no tokenizer.json; lm-eval tasks are text and need the model's tokenizer")
         self.tokenizer = self.engine.tokenizer

@@ -71,7 +71,8 @@ def _load(manager, names: list[str], tasks_dir: str | None) -> list:
         if _is_offline_error(e):
             raise LingError(f"--tasks {','.join(names)}: a task's dataset is on the Hugging Face Hub, which cannot be "
                             f"reached ({type(e).__name__}); to evaluate offline, write a task YAML over local "
-                            "json/jsonl/csv files and pass its folder with --tasks-dir DIR (see docs/eval.md)") from None
+                            "json/jsonl/csv files and pass its folder with --tasks-dir DIR (see docs/eval.md)"
+                            ) from None
         where = f" (a task YAML in {tasks_dir}?)" if tasks_dir else ""
         raise LingError(f"--tasks {','.join(names)}: cannot build the task{where}: {type(e).__name__}: {e}") from None
     groups = loaded.get("groups", {})
