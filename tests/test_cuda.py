@@ -92,7 +92,7 @@ def test_the_sdpa_backend_is_timed_on_cuda_and_pinned(tmp_path):
     assert choice.how in ("measured", "cached")
     assert choice.picked in {"default", *BACKENDS}
     assert {"default", "flash", "efficient", "math"} <= set(choice.seconds)  # bf16, head size 32: all of them run
-    trainer = make_trainer(tmp_path, "bf16")
+    trainer = make_trainer(tmp_path / "auto", "bf16")
     attention = type(trainer.model.blocks[0].attn).__name__
     assert attention == ("Attention" if trainer.kernels.picked(ATTENTION) == "default"
                          else f"SDPA{trainer.kernels.picked(ATTENTION).title()}Attention")
@@ -132,7 +132,9 @@ def test_kv_cache_decoding_equals_the_full_forward(decoder):
     cache_engine = Engine(decoder, max_batch_size=1)
     with torch.inference_mode():
         cached = cache_engine._prefill_cache(0, [PROMPTS[1]])[0]
-    torch.testing.assert_close(cached, full)
+    # two attention kernels (a mask over cache slots, or is_causal) through every layer: a stated 1000 fp32 eps
+    tolerance = 1000 * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(cached, full, rtol=tolerance, atol=tolerance * full.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
