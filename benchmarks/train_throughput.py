@@ -13,8 +13,9 @@ median of the rounds.
 `--kernels` adds ling with `--kernels reference` (the plain model: the same math as
 transformers). The table starts with the machine (`machine.py`). `--device cuda` trains on
 the GPU; MFU is then against the GPU's data-sheet bf16 peak (`ling.train.metrics`), where on
-CPU it is against the matmul peak probed in each round. `--budget` stops the rounds after
-that many seconds (after at least one). `--smoke` is a seconds-long run of a 2-layer model
+CPU it is against the matmul peak probed in each round. `--budget S` stops the rounds once S
+seconds have passed since the start, warm-ups included (after at least one round), so that
+a time-boxed run still prints its table. `--smoke` is a seconds-long run of a 2-layer model
 (one round, one step): a check that the script works, not a measurement.
 
 On a busy machine, `--threads 1 --clock cpu` measures each worker's CPU time on one thread
@@ -141,9 +142,11 @@ def main():
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", choices=list(SHAPES), default="gpt-6x384")
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    parser.add_argument("--budget", type=float, default=0, help="stop the rounds after this many seconds (0: no limit)")
+    parser.add_argument("--budget", type=float, default=0,
+                        help="stop the rounds this many seconds after the start, warm-ups included (0: no limit)")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long check that the script runs")
     args = parser.parse_args()
+    started = time.perf_counter()
     if args.smoke:
         args.model, args.rounds, args.steps = "smoke", 1, 1
     if args.device == "cuda" and args.clock == "cpu":
@@ -180,7 +183,6 @@ def main():
     rates = {v: [] for v in variants}
     peaks = {"fp32": [], "bf16": []}
     gpu = torch.cuda.get_device_name() if on_gpu else None
-    started = time.perf_counter()
     for r in range(args.rounds):
         for variant, (_, conn) in workers.items():
             conn.send(args.steps)
