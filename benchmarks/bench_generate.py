@@ -31,7 +31,14 @@ convert to-gguf`, f32 or bf16 as the row; the BPE models get a tokenizer trained
 give (a process waiting for its turn on the CPU does not accumulate CPU time).
 
 `--compile` adds a ling row with `torch.compile` of the decode step; its compile time (the
-warm-up) is measured and printed, and excluded from the rates.
+warm-up) is measured and printed, and excluded from the rates. On CUDA it also adds
+transformers compiled: `generate` with its static cache, which transformers compiles itself
+(`mode="reduce-overhead"`, CUDA graphs, as ling's compiled engine on CUDA).
+
+`--device cuda` runs both libraries on the GPU (the engine's KV cache sized to prompt + new
+tokens, as transformers' static cache is); the header then describes the GPU, and the
+bandwidth-ceiling column is left empty. `--smoke` is a seconds-long run of a 2-layer Llama
+(one round, 8 tokens): a check that the script works, not a measurement.
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ MODELS = {
                                               max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0,
                                               tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
 }
+MODELS["smoke-llama"] = lambda: LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                           rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -86,19 +96,25 @@ def hf_dir(name: str, root: Path, text: Path | None = None) -> Path:
 
 
 class HFRunner:
-    def __init__(self, path: Path, dtype: str):
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    """transformers' `generate`; `compile`: with its static cache, which it compiles on CUDA."""
+
+    def __init__(self, path: Path, dtype: str, device: str = "cpu", compile: bool = False):
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+        self.device, self.extra = device, {"cache_implementation": "static"} if compile else {}
 
     def __call__(self, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+        prompts = prompts.to(self.device)
         with torch.inference_mode():
             out = self.model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **self.extra)
         return out[:, prompts.shape[1]:].tolist()
 
 
 class LingRunner:
-    def __init__(self, path: Path, dtype: str, batch: int, compile: bool = False, kernels: str = "auto"):
-        self.engine = Engine(path, dtype=dtype, max_batch_size=batch, compile=compile, kernels=kernels)
+    def __init__(self, path: Path, dtype: str, batch: int, compile: bool = False, kernels: str = "auto",
+                 device: str = "cpu", max_len: int | None = None):
+        self.engine = Engine(path, dtype=dtype, max_batch_size=batch, compile=compile, kernels=kernels, device=device,
+                             max_len=max_len)
         self.compile_s = None
         if compile:
             t0 = time.perf_counter()
@@ -144,11 +160,12 @@ def timed(run, prompts, new_tokens):
     return clock() - start, out
 
 
-def bench(runners: dict, prompts: torch.Tensor, new_tokens: int, rounds: int) -> dict:
-    """Interleaved rounds; per runner: medians of TTFT and of the N-token time; last outputs."""
+def bench(runners: dict, prompts: torch.Tensor, new_tokens: int, rounds: int, warm_tokens: int = 8) -> dict:
+    """Interleaved rounds; per runner: medians of TTFT and of the N-token time; last outputs.
+    The warm-up generates `warm_tokens` (on a GPU all N: a static cache is sized by the longest)."""
     for run in runners.values():  # warm-up
         if not isinstance(run, LlamaCppRunner):
-            run(prompts, 8)
+            run(prompts, warm_tokens)
     times = {name: {"ttft": [], "total": [], "decode": [], "prefill": []} for name in runners}
     outputs = {}
     B, P = prompts.shape
@@ -180,7 +197,7 @@ def bench(runners: dict, prompts: torch.Tensor, new_tokens: int, rounds: int) ->
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=[m for m in MODELS if m != "smoke-llama"], choices=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -194,46 +211,66 @@ def main():
     parser.add_argument("--text", type=Path, default=Path("../shared/data/tinyshakespeare.txt"),
                         help="text to train the BPE tokenizers the GGUF exports need")
     parser.add_argument("--dir", default="/tmp/ling-bench-generate", help="where the HF models are saved")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long check that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.models, args.batches, args.rounds, args.prompt_tokens, args.new_tokens = ["smoke-llama"], [1, 2], 1, 8, 8
+    on_gpu = args.device == "cuda"
+    if on_gpu and (args.clock == "cpu" or args.llama_cpp is not None):
+        parser.error("--device cuda takes the wall clock, without --llama-cpp (a CPU program)")
     torch.set_num_threads(args.threads)
     global clock
     clock = CLOCKS[args.clock]
     transformers.logging.set_verbosity_error()
-    machine = describe()
-    print(header(machine))
+    if on_gpu:
+        from benchmarks.machine import describe_gpu
+
+        machine = None
+        print(describe_gpu())
+    else:
+        machine = describe()
+        print(header(machine))
     print(f"- {args.threads} threads, {args.clock} clock, transformers {transformers.__version__}; prompt "
           f"{args.prompt_tokens} tokens/row, {args.new_tokens} new tokens, greedy, median of {args.rounds}\n")
     print("| model | dtype | batch | engine | decode tok/s | prefill tok/s | TTFT ms | decode vs HF | "
           "of bandwidth ceiling | same tokens |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---|", flush=True)
+    max_len = args.prompt_tokens + args.new_tokens if on_gpu else None
+    warm_tokens = args.new_tokens if on_gpu else 8
     for model in args.models:
         path = hf_dir(model, Path(args.dir), args.text if args.llama_cpp is not None else None)
         config = MODELS[model]()
         vocab = config.vocab_size
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         for dtype in args.dtypes:
-            hf = HFRunner(path, dtype)
-            ceiling = machine["read_bytes_per_s"] / (params * DTYPES[dtype].itemsize)  # tok/s at one row
+            hf = HFRunner(path, dtype, args.device)
+            hf_compiled = HFRunner(path, dtype, args.device, compile=True) if args.compile and on_gpu else None
+            ceiling = machine["read_bytes_per_s"] / (params * DTYPES[dtype].itemsize) if machine else None  # tok/s, 1 row
             for batch in args.batches:
                 generator = torch.Generator().manual_seed(batch)
                 prompts = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=generator)
-                runners = {"ling": LingRunner(path, dtype, batch)}
+                runners = {"ling": LingRunner(path, dtype, batch, device=args.device, max_len=max_len)}
                 if args.reference:
-                    runners["ling (reference)"] = LingRunner(path, dtype, batch, kernels="reference")
+                    runners["ling (reference)"] = LingRunner(path, dtype, batch, kernels="reference", device=args.device,
+                                                             max_len=max_len)
                 if args.compile:
-                    runners["ling (compile)"] = LingRunner(path, dtype, batch, compile=True)
+                    runners["ling (compile)"] = LingRunner(path, dtype, batch, compile=True, device=args.device,
+                                                           max_len=max_len)
                     print(f"<!-- {model} {dtype} batch {batch}: compiled in "
                           f"{runners['ling (compile)'].compile_s:.1f} s -->", flush=True)
                 runners["transformers"] = hf
+                if hf_compiled is not None:
+                    runners["transformers (compile)"] = hf_compiled
                 if args.llama_cpp is not None and batch == 1 and (path / "tokenizer.json").exists():
                     runners["llama.cpp"] = LlamaCppRunner(args.llama_cpp / "llama-bench", gguf_of(path, dtype),
                                                           args.threads)
-                results = bench(runners, prompts, args.new_tokens, args.rounds)
+                results = bench(runners, prompts, args.new_tokens, args.rounds, warm_tokens)
                 reference = results["transformers"]
                 for name, r in results.items():
                     ratio = r["decode_tok_s"] / reference["decode_tok_s"]
                     same = "-" if r["tokens"] is None else "yes" if r["tokens"] == reference["tokens"] else "no"
-                    share = f"{r['decode_tok_s'] / ceiling:.0%}" if batch == 1 else ""
+                    share = f"{r['decode_tok_s'] / ceiling:.0%}" if batch == 1 and ceiling else ""
                     print(f"| {model} | {dtype} | {batch} | {name} | {r['decode_tok_s']:.0f} | "
                           f"{r['prefill_tok_s']:.0f} | {r['ttft_ms']:.1f} | {ratio:.2f}x | {share} | {same} |", flush=True)
                 if batch == max(args.batches):

@@ -6,7 +6,10 @@ CPU it was measured on: its model name, the ISA extensions ling's kernels care a
 bounds decoding) and the matmul peaks (what bounds training) — at the benchmark's thread
 count, with the load average, torch version and date.
 
-    PYTHONPATH=. python benchmarks/machine.py [--threads 2]
+    PYTHONPATH=. python benchmarks/machine.py [--threads 2] [--device cuda]
+
+On a GPU (`describe_gpu`): its name, memory, compute capability and data-sheet bf16 peak
+(`ling.train.metrics`), the torch and CUDA versions, and the CPU beside it.
 """
 
 from __future__ import annotations
@@ -64,7 +67,21 @@ def header(info: dict) -> str:
             f"- torch {info['torch']}, load average {info['load']:.1f} at the start, {info['date']}")
 
 
+def describe_gpu(index: int = 0) -> str:
+    """The GPU a benchmark runs on, as the Markdown lines that head its table."""
+    from ling.train.metrics import gpu_peak_flops
+
+    props = torch.cuda.get_device_properties(index)
+    peak = gpu_peak_flops(props.name, "bf16")
+    return (f"- GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}, "
+            f"data-sheet bf16 peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}\n"
+            f"- host CPU: {cpu_name()}, {os.cpu_count()} cores\n"
+            f"- torch {torch.__version__} (CUDA {torch.version.cuda}), {time.strftime('%Y-%m-%d')}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
-    print(header(describe(parser.parse_args().threads)))
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = parser.parse_args()
+    print(describe_gpu() if args.device == "cuda" else header(describe(args.threads)))

@@ -17,3 +17,15 @@ def _deterministic():
     """Every test starts from the same RNG state and default dtype."""
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need an NVIDIA GPU: without one they are skipped (and listed as
+    skipped, with the reason), never silently dropped. `pytest -m cuda` runs only them."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False "
+                                   "(run benchmarks/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

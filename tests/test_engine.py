@@ -229,3 +229,36 @@ def test_warm_up_leaves_the_engine_idle_and_unchanged(model):
     assert not warmed.has_work()
     assert [c.token_ids for c in warmed.generate(PROMPTS[:2], params)] == \
         [c.token_ids for c in Engine(model, max_batch_size=2).generate(PROMPTS[:2], params)]
+
+
+def test_how_the_decode_step_compiles_depends_on_the_device():
+    from ling.kernels.compile_decision import how_to_compile
+
+    cuda = how_to_compile(torch.device("cuda"))  # CUDA graphs: one static shape
+    assert cuda.options == {"mode": "reduce-overhead", "dynamic": False} and cuda.static_shapes and not cuda.inductor
+    cpu = how_to_compile(torch.device("cpu"))  # as before: dynamic shapes, frozen weights, C++ wrapper
+    assert cpu.options == {"dynamic": True} and not cpu.static_shapes
+    assert cpu.inductor == {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True}
+
+
+def test_static_shape_decoding_the_cuda_graph_path_gives_the_same_tokens_with_one_graph(model, monkeypatch):
+    """The CUDA path decodes every row over every cache slot, so that one captured graph
+    serves every step. Here it runs on CPU with dynamo's eager backend (no CUDA graph): the
+    same tokens as the plain engine while requests join and leave, and a single graph."""
+    from torch._dynamo.utils import counters
+
+    from ling.kernels import compile_decision
+
+    monkeypatch.setattr(compile_decision, "how_to_compile", lambda device: compile_decision.CompilePlan(
+        {"backend": "eager", "dynamic": False}, static_shapes=True))
+    torch._dynamo.reset()
+    counters.clear()
+    static = Engine(model, max_batch_size=3, compile=True)
+    static.warm_up()
+    assert counters["stats"]["unique_graphs"] == 1  # one row and two rows: the same shape
+    plain = Engine(model, max_batch_size=3)
+    params = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for n in (3, 9, 6)]
+    for prompts in (PROMPTS[:1], PROMPTS, PROMPTS[1:]):  # the first request leaves early: a free row
+        assert [c.token_ids for c in static.generate(prompts, params[:len(prompts)])] == \
+            [c.token_ids for c in plain.generate(prompts, params[:len(prompts)])]
+    assert counters["stats"]["unique_graphs"] == 1

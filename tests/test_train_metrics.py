@@ -75,10 +75,47 @@ def test_probe_measures_a_positive_rate():
 def test_gpu_peaks_come_from_the_table(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     assert metrics.peak_flops(torch.device("cuda"), "bf16") == 312e12
+    assert metrics.peak_flops(torch.device("cuda"), "fp16") == 312e12  # fp16 tensor cores: the same peak
+    assert metrics.peak_flops(torch.device("cuda"), "fp32") == 156e12  # TF32
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10G")
     assert metrics.peak_flops(torch.device("cuda"), "bf16") == 70e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU")
     assert metrics.peak_flops(torch.device("cuda"), "bf16") is None
+
+
+@pytest.mark.parametrize("name, bf16", [
+    # names as torch.cuda.get_device_name reports them
+    ("NVIDIA H100 80GB HBM3", 989e12),  # SXM5
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-40GB", 312e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA L4", 121e12),
+    ("NVIDIA L40S", 362e12),
+    ("NVIDIA L40", 181e12),
+    ("NVIDIA A10", 125e12),
+    ("NVIDIA A10G", 70e12),
+    ("NVIDIA GeForce RTX 4090", 165e12),
+    ("NVIDIA GeForce RTX 3090", 71e12),
+    ("NVIDIA RTX A6000", 155e12),
+    ("NVIDIA RTX 6000 Ada Generation", 364e12),
+    ("Tesla V100-SXM2-16GB", 125e12),
+    ("Tesla T4", 65e12),
+])
+def test_gpu_peak_table_matches_whole_names_longest_first(name, bf16):
+    assert metrics.gpu_peak_flops(name, "bf16") == bf16
+
+
+def test_gpu_peak_table_knows_no_partial_names():
+    for name in ("NVIDIA GeForce RTX 4080", "NVIDIA A1000", "AMD Instinct MI300X", "NVIDIA L4000"):
+        assert metrics.gpu_peak_flops(name, "bf16") is None
+
+
+def test_peak_memory_is_a_cuda_figure_only():
+    assert metrics.peak_memory(torch.device("cpu")) is None
 
 
 def test_metrics_log_writes_jsonl_drops_lines_past_a_resume_and_draws_the_report(tmp_path):

@@ -253,3 +253,19 @@ def test_a_cpu_peak_that_reads_too_low_is_reprobed_once_so_mfu_stays_a_fraction(
                    if r["kind"] == "train"]
     assert asked == [False, True]
     assert len(train_lines) == 4 and all(0 < r["mfu"] < 1 for r in train_lines)
+
+
+@pytest.mark.parametrize("limit", [1e-3, 1e6])
+def test_the_gradient_scaler_path_with_the_scaler_disabled_takes_the_plain_step(tmp_path, limit):
+    """The fp16 plumbing (scale, unscale, clip, scaler step and update) with a disabled scaler —
+    what `GradScaler` is where it cannot scale — updates the weights as the plain path does,
+    clipped (limit 1e-3) or not."""
+    plain = make_trainer(tmp_path / "plain", grad_clip=limit)
+    scaled = make_trainer(tmp_path / "scaled", grad_clip=limit)
+    scaled.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for _ in range(2):
+        expected, got = plain.train_step(), scaled.train_step()
+        assert float(got.loss) == pytest.approx(float(expected.loss), rel=1e-6)
+        assert got.grad_norm == pytest.approx(expected.grad_norm, rel=1e-6)
+    for (name, p), q in zip(plain.model.named_parameters(), scaled.model.parameters()):
+        torch.testing.assert_close(q, p, msg=name)

@@ -28,10 +28,11 @@ Speed comes from (1) the kernels chosen for this machine when the engine loads a
 SDPA or matmul attention for the decode step, and the KV cache's dtype, each timed on the
 model's shapes), (2) reading only the cache slots in use (`KVCache.kv_len`), (3) little
 work per step besides the forward: preallocated token/position buffers updated in place,
-one argmax for a greedy batch. `torch.compile` of the decode step (`compile=True`: inductor
-with frozen weights and its C++ wrapper) takes seconds to tens of seconds to compile, so it
-is opt-in: worth it for a server or a long batch job, not for one prompt (see
-BENCHMARKS.md, section Inference).
+one argmax for a greedy batch. `torch.compile` of the decode step (`compile=True`: on CPU
+inductor with frozen weights and its C++ wrapper; on CUDA `mode="reduce-overhead"`, CUDA
+graphs over static shapes — see `ling.kernels.compile_decision`) takes seconds to tens of
+seconds to compile, so it is opt-in: worth it for a server or a long batch job, not for one
+prompt (see BENCHMARKS.md, section Inference).
 
 A request's own failure (its scores are not finite, its first tokens cannot be set up,
 its text cannot be decoded) ends that request alone, with finish_reason "error" and the
@@ -166,26 +167,31 @@ class Engine:
         self._owned = owned
         self._step_times: dict[int, list[float]] = {}
         """rows → [decode steps, seconds] (the engine's own speed, for `compile_decision`)"""
-        self._decode_model = torch.compile(self.model, dynamic=True) if compile else self.model
+        plan = compile_decision.how_to_compile(self.device) if compile else None
+        self._decode_model = torch.compile(self.model, **plan.options) if compile else self.model
+        self._static_decode = plan is not None and plan.static_shapes
+        """decode all rows over all cache slots each step (the CUDA-graph path, see `compile_decision`)"""
         self._compile_config = contextlib.nullcontext
-        if compile and self.device.type == "cpu":
-            # Freezing (weights as constants) lets inductor prepack them as `prepack` would,
-            # and concatenate the weights of matmuls that share an input (SwiGLU's gate and
-            # up: one call instead of two, ~3% of a llama-110m step at one row); the C++
+        if plan is not None and plan.inductor:
+            # On CPU, freezing (weights as constants) lets inductor prepack them as `prepack`
+            # would, and concatenate the weights of matmuls that share an input (SwiGLU's gate
+            # and up: one call instead of two, ~3% of a llama-110m step at one row); the C++
             # wrapper calls the generated kernels without a Python line per op, which is most
             # of a small model's decode step. These must be set while inductor compiles,
             # which happens inside the first calls: a config patch around each call (~15 µs;
             # as torch.compile `options` the freezing does not take effect).
             from torch._inductor import config as inductor_config
 
-            self._compile_config = functools.partial(
-                inductor_config.patch, {"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True})
+            self._compile_config = functools.partial(inductor_config.patch, plan.inductor)
         with torch.inference_mode():
             self.cache = KVCache(self.cfg, max_batch_size, self.max_len, device=self.device, dtype=cache_dtype)
             self._tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
             self._positions = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
             self._live = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
             self._arange = torch.arange(self.max_len, device=self.device)
+        if self._static_decode:  # a CUDA graph reads and writes these in place, at fixed addresses
+            for buffer in (*self.cache.k, *self.cache.v, self._tokens, self._positions):
+                torch._dynamo.mark_static_address(buffer)
         self.sampler = BatchSampler(max_batch_size, self.cfg.vocab_size, self.device)
         self._slots: list[_Request | None] = [None] * max_batch_size
         self._waiting: deque[_Request] = deque()
@@ -365,9 +371,14 @@ class Engine:
         """One token for every running request: rows 0..hi of the cache in one forward."""
         started = time.perf_counter()
         hi = max(r.slot for r in running) + 1
-        self.cache.kv_len = max(r.position for r in running) + 1
-        with self._compile_config():
-            logits = self._decode_model(self._tokens[:hi], self._positions[:hi], cache=self.cache)[:, -1]
+        if self._static_decode:  # one shape every step: the captured graph is replayed
+            self.cache.kv_len = self.max_len
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+            logits = self._decode_model(self._tokens, self._positions, cache=self.cache)[:hi, -1]
+        else:
+            self.cache.kv_len = max(r.position for r in running) + 1
+            with self._compile_config():
+                logits = self._decode_model(self._tokens[:hi], self._positions[:hi], cache=self.cache)[:, -1]
         next_ids, records, errors = self.sampler.sample(logits, 0)
         self.sampler.observe(0, next_ids)
         self._tokens[:hi, 0] = next_ids

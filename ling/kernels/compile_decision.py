@@ -7,9 +7,21 @@ machine at hand: every engine records its decode-step time, and a compiled engin
 compile time and compiled step time, per model shape, dtype and batch size (in
 kernels.json, beside the kernel races; see `probe`). `decide` then compares the measured
 saving over the request's steps with the measured compile time.
+
+How to compile depends on the device (`how_to_compile`). On CPU: inductor with frozen
+weights and its C++ wrapper, shapes dynamic (rows and cache slots in use change every
+step). On CUDA a small model's decode step is mostly kernel launches, hundreds per token,
+each costing more than its work; a CUDA graph replays them all as one launch, but only
+for the shapes and memory addresses it was captured with. So there the step is compiled
+with `mode="reduce-overhead"` (inductor, then CUDA graphs) over static shapes: every row
+of the KV cache and every slot of it, each step (free rows and empty slots are computed
+and masked out), and the cache, token and position buffers marked as static addresses
+(updated in place, never copied into the graph's inputs).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +29,27 @@ from ling.config import ModelConfig
 from ling.kernels.probe import Probe
 
 PART = "compiled decode"
+
+
+@dataclass(frozen=True)
+class CompilePlan:
+    """How the engine compiles its decode step on one kind of device."""
+
+    options: dict
+    """keyword arguments of `torch.compile`"""
+    static_shapes: bool
+    """decode every cache row over every cache slot each step (one shape: one CUDA graph)"""
+    inductor: dict = field(default_factory=dict)
+    """inductor settings to hold while it compiles (they must be set around each call)"""
+
+
+def how_to_compile(device: torch.device) -> CompilePlan:
+    """The decode step's compilation on `device`: CUDA graphs over static shapes on CUDA;
+    on CPU, dynamic shapes with frozen weights and the C++ wrapper (`Engine` says why)."""
+    if device.type == "cuda":
+        return CompilePlan({"mode": "reduce-overhead", "dynamic": False}, static_shapes=True)
+    return CompilePlan({"dynamic": True}, static_shapes=False,
+                       inductor={"freezing": True, "cpp_wrapper": True, "cpp.enable_concat_linear": True})
 
 
 def shape_key(cfg: ModelConfig, dtype: torch.dtype, batch: int) -> str:

@@ -10,6 +10,7 @@ table for known GPUs and, on CPUs, a short matmul probe measured once and cached
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import torch
@@ -18,23 +19,47 @@ from ling.atomic import atomic_file
 from ling.cache import cache_dir
 from ling.device import cpu_name
 
-# Dense (no sparsity) peak FLOP/s per GPU from vendor data sheets: bf16/fp16 tensor cores,
-# and fp32 as TF32 tensor cores (ling trains fp32 on CUDA with TF32 matmuls).
+# Dense (no sparsity) peak FLOP/s per GPU from vendor data sheets: bf16/fp16 tensor cores
+# (with fp32 accumulation, as autocast uses them), and fp32 as TF32 tensor cores (ling
+# trains fp32 on CUDA with TF32 matmuls). Keys are matched as whole words of the name
+# `torch.cuda.get_device_name` gives, longest first: "NVIDIA H100 PCIe" is the PCIe card,
+# "NVIDIA H100 80GB HBM3" the SXM one, "NVIDIA L40S" not an "L4".
 GPU_PEAK_FLOPS = {
     "B200": {"bf16": 2250e12, "fp32": 1100e12},
+    "GH200": {"bf16": 989e12, "fp32": 495e12},
+    "H200 NVL": {"bf16": 835e12, "fp32": 418e12},
     "H200": {"bf16": 989e12, "fp32": 495e12},
+    "H100 NVL": {"bf16": 835e12, "fp32": 418e12},
     "H100 PCIe": {"bf16": 756e12, "fp32": 378e12},
-    "H100": {"bf16": 989e12, "fp32": 495e12},
-    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "H100": {"bf16": 989e12, "fp32": 495e12},  # SXM5 ("H100 80GB HBM3", "H100 SXM5 80GB")
+    "A100": {"bf16": 312e12, "fp32": 156e12},  # 40 GB and 80 GB, SXM4 and PCIe alike
     "L40S": {"bf16": 362e12, "fp32": 183e12},
+    "L40": {"bf16": 181e12, "fp32": 90.5e12},
     "L4": {"bf16": 121e12, "fp32": 60e12},
     "A10G": {"bf16": 70e12, "fp32": 35e12},
     "A10": {"bf16": 125e12, "fp32": 62.5e12},
+    "RTX 6000 Ada": {"bf16": 364e12, "fp32": 182e12},
+    "RTX A6000": {"bf16": 155e12, "fp32": 77.4e12},
     "RTX 4090": {"bf16": 165e12, "fp32": 82.6e12},
     "RTX 3090": {"bf16": 71e12, "fp32": 35.6e12},
     "V100": {"bf16": 125e12, "fp32": 15.7e12},  # fp16 tensor cores (no bf16)
     "T4": {"bf16": 65e12, "fp32": 8.1e12},  # fp16 tensor cores (no bf16)
 }
+
+
+def gpu_peak_flops(name: str, kind: str) -> float | None:
+    """The table's peak for the GPU called `name` (as `torch.cuda.get_device_name` says) at
+    `kind` ('bf16' — also fp16 — or 'fp32'); None for a GPU not in the table."""
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
+            return GPU_PEAK_FLOPS[key][kind]
+    return None
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """The most bytes of GPU memory tensors have held on `device` so far
+    (`torch.cuda.max_memory_allocated`); None off CUDA (CPU memory is the process's RSS)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 class Throughput:
@@ -85,11 +110,7 @@ def peak_flops(device: torch.device, precision: str, refresh: bool = False) -> f
     `refresh` re-probes a CPU (see `cpu_peak_flops`)."""
     kind = "fp32" if precision == "fp32" else "bf16"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return peaks[kind]
-        return None
+        return gpu_peak_flops(torch.cuda.get_device_name(device), kind)
     if device.type == "cpu":
         return cpu_peak_flops(torch.float32 if kind == "fp32" else torch.bfloat16, refresh)
     return None

@@ -48,7 +48,7 @@ from ling.train.checkpointing import (RunDir, intact_weights, load_model_weights
                                       seed_everything, set_rng_state)
 from ling.train.config import TrainConfig
 from ling.train.distributed import Dist
-from ling.train.metrics import Throughput, mfu, peak_flops
+from ling.train.metrics import Throughput, mfu, peak_flops, peak_memory
 from ling.train.optim import LRSchedule, build_optimizer
 from ling.train.report import MetricsLog
 
@@ -190,11 +190,14 @@ class Trainer:
                     if util is not None and util > 1 and self.device.type == "cpu" and not peak_refreshed:
                         self.peak, peak_refreshed = peak_flops(self.device, self.precision, refresh=True), True
                         util = mfu(rate, self.flops_per_token, self.peak, self.dist.world_size)
+                    memory = peak_memory(self.device)
                     self.metrics.write({"kind": "train", "step": self.step, "loss": loss, "lr": result.lr,
                                         "grad_norm": result.grad_norm, "tokens": self.tokens_seen,
-                                        "tokens_per_s": rate, "mfu": util})
+                                        "tokens_per_s": rate, "mfu": util}
+                                       | ({"max_memory_allocated": memory} if memory is not None else {}))
                     bar.set_postfix_str(f"loss {loss:.4f} · lr {result.lr:.2e} · {rate:,.0f} tok/s"
-                                        + (f" · MFU {util:.1%}" if util is not None else ""))
+                                        + (f" · MFU {util:.1%}" if util is not None else "")
+                                        + (f" · mem {memory / 2**30:.1f} GiB" if memory is not None else ""))
                 time_up = cfg.time_limit > 0 and time.perf_counter() - t_start >= cfg.time_limit * 60
                 stop = distributed.any_rank(self._stop_signal is not None or time_up, self.dist, self.device)
                 if stop or self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
