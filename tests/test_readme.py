@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from ling import cli
 
@@ -61,13 +62,13 @@ REPLACE = {
     TINYSHAKESPEARE: "tinyshakespeare.txt",  # written by the test: a few kB with every printable character
     "--n 40000": "--n 200",  # synthetic fine-tuning examples
 }
-TINY_MODEL = "--model.n-layer 1 --model.n-embd 32 --model.n-head 2 --model.context-length 32"
-TINY_TRAIN = ("--train.max-steps 4 --train.eval-every 2 --train.eval-batches 2 --train.batch-tokens 256 "
-              "--train.micro-batch 8 --train.log-every 1")
+TINY_MODEL = "--model.n-layer 1 --model.n-embd 32 --model.n-head 2 --model.context-length 128"  # room for a chat example
+TINY_TRAIN = ("--train.max-steps 2 --train.eval-every 2 --train.eval-batches 1 --train.batch-tokens 512 "
+              "--train.micro-batch 4 --train.log-every 1")
 OVERRIDES = {  # the first command prefix that matches appends its flags
-    "ling pretrain --config": "--train.max-steps 6",  # a resumed run: the same model, a few steps more
+    "ling pretrain --config": "--train.max-steps 3",  # a resumed run: the same model, a step more
     "ling pretrain": f"{TINY_MODEL} {TINY_TRAIN}",
-    "ling finetune": TINY_TRAIN,
+    "ling finetune": f"{TINY_TRAIN} --samples 1 --sample-tokens 8",
     # kernel timing (tests/test_kernels.py) would only cost time here
     "ling generate": "--kernels reference",
     "ling chat": "--kernels reference --max-new-tokens 16",
@@ -184,7 +185,7 @@ def stand_in_text() -> str:
     synthetic tasks, chat templates and prompts of the README stay in its vocabulary)."""
     lines = ["ROMEO:", "But soft, what light through yonder window breaks?", "", "JULIET:",
              "O Romeo, Romeo, wherefore art thou Romeo?", "", string.printable.strip(), ""]
-    return "\n".join(lines * 60)
+    return "\n".join(lines * 200)
 
 
 class Runner:
@@ -206,9 +207,10 @@ class Runner:
                 break
         if how == "ling":
             stdin = io.StringIO(CHAT_INPUT)
-            with contextlib.redirect_stdout(io.StringIO()) as out, _stdin(stdin):
+            with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err, \
+                    _stdin(stdin):
                 code = cli.main(words[1:])
-            assert code == 0, f"{where}: {command!r} exited with {code}\n{out.getvalue()[-2000:]}"
+            assert code == 0, f"{where}: {command!r} exited with {code}\n{out.getvalue()[-2000:]}\n{err.getvalue()[-2000:]}"
         elif how == "serve":
             self.start_server(words, where)
         elif how == "python":
@@ -280,6 +282,9 @@ def test_the_readme_runs_in_order(tmp_path, monkeypatch):
     (tmp_path / "tinyshakespeare.txt").write_text(stand_in_text(), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the server's process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: on a busy machine two threads mostly wait for each other
     runner, ran = Runner(), []
     try:
         for block in shell_blocks():
@@ -290,4 +295,5 @@ def test_the_readme_runs_in_order(tmp_path, monkeypatch):
                 ran.append(command.split()[:2])
     finally:
         runner.stop_server()
+        torch.set_num_threads(threads)
     assert ["ling", "serve"] in ran and ["curl", "-N"] in ran  # the serve section ran against its server
