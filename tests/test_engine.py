@@ -186,16 +186,16 @@ def greedy_in_sliding_windows(model, prompt, n, context, keep):
 
 
 def test_generation_slides_past_the_context_as_a_fresh_forward_on_the_cropped_window(model):
-    engine = Engine(model, max_batch_size=3)
+    engine = Engine(model, max_batch_size=2)
     assert (engine.max_len, engine.slide_keep) == (64, 48)
     params = SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True)
-    prompts = [[5], list(range(3, 50)), [9, 2, 7]]
+    prompts = [[5], list(range(3, 50))]
     completions = engine.generate(prompts, params)
     for prompt, completion in zip(prompts, completions):
         assert (len(completion.token_ids), completion.finish_reason) == (200, "length")
         assert completion.token_ids == greedy_in_sliding_windows(model, prompt, 200, 64, 48)
     # a slide before the token that would be the 65th in the row, then every 17 tokens (48 kept + 16 decoded + 1)
-    assert [c.slides for c in completions] == [(len(p) + 199 - 65) // 17 + 1 for p in prompts] == [8, 11, 9]
+    assert [c.slides for c in completions] == [(len(p) + 199 - 65) // 17 + 1 for p in prompts] == [8, 11]
     # a sampled request slides too, and its seed still fixes its text
     sampled = SamplingParams(temperature=1.0, max_new_tokens=100, ignore_eos=True, seed=3)
     once, twice = engine.generate([[5], [5]], sampled)
