@@ -62,7 +62,7 @@ REPLACE = {
     TINYSHAKESPEARE: "tinyshakespeare.txt",  # written by the test: a few kB with every printable character
     "--n 40000": "--n 200",  # synthetic fine-tuning examples
 }
-TINY_MODEL = "--model.n-layer 1 --model.n-embd 32 --model.n-head 2 --model.context-length 128"  # room for a chat example
+TINY_MODEL = "--model.n-layer 1 --model.n-embd 32 --model.n-head 2 --model.context-length 128"  # fits a chat example
 TINY_TRAIN = ("--train.max-steps 2 --train.eval-every 2 --train.eval-batches 1 --train.batch-tokens 512 "
               "--train.micro-batch 4 --train.log-every 1")
 OVERRIDES = {  # the first command prefix that matches appends its flags
@@ -176,7 +176,8 @@ def test_a_run_directory_given_as_a_checkpoint_suggests_its_best(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ling", "generate", str(run), "--prompt", "A"],
                           capture_output=True, text=True)
     assert proc.returncode == 1
-    assert proc.stderr == f"error: {run} is a run directory, not a checkpoint: give {run / 'best'} (its best checkpoint)\n"
+    assert proc.stderr == (f"error: {run} is a run directory, not a checkpoint: give {run / 'best'} "
+                           f"(its best checkpoint)\n")
 
 
 # ---- the README, run ---------------------------------------------------------------------------
@@ -210,7 +211,8 @@ class Runner:
             with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err, \
                     _stdin(stdin):
                 code = cli.main(words[1:])
-            assert code == 0, f"{where}: {command!r} exited with {code}\n{out.getvalue()[-2000:]}\n{err.getvalue()[-2000:]}"
+            printed = out.getvalue()[-2000:] + "\n" + err.getvalue()[-2000:]
+            assert code == 0, f"{where}: {command!r} exited with {code}\n{printed}"
         elif how == "serve":
             self.start_server(words, where)
         elif how == "python":

@@ -138,10 +138,12 @@ def test_without_a_chat_template_the_page_continues_text_as_ling_chat_does(plain
     card = httpx.get(url + "/v1/models").json()["data"][0]
     assert (card["chat_template"], card["max_model_len"]) == (False, 128)
     refused = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-    assert refused.status_code == 400 and "chat template" in refused.json()["error"]["message"]  # the API stays OpenAI's
+    # the API stays OpenAI's: no template, no chat
+    assert refused.status_code == 400 and "chat template" in refused.json()["error"]["message"]
 
     browser.get(url + "/")
-    wait_for(browser, lambda d: d.find_element(By.ID, "model").text == "tiny-plain · plain continuation (no chat template)",
+    plain = "tiny-plain · plain continuation (no chat template)"
+    wait_for(browser, lambda d: d.find_element(By.ID, "model").text == plain,
              "the page did not say it runs in plain continuation mode")
     assert "plain continuation mode, as ling chat does" in browser.find_element(By.ID, "mode").text
     temperature = browser.find_element(By.ID, "temperature")
@@ -151,8 +153,9 @@ def test_without_a_chat_template_the_page_continues_text_as_ling_chat_does(plain
     def send(text, n):
         browser.find_element(By.ID, "input").send_keys(text)
         browser.find_element(By.ID, "send").click()
-        return wait_for(browser, lambda d: len(done := d.find_elements(By.CSS_SELECTOR, ".message.assistant[data-state=done]"))
-                        == n and done[-1], f"reply {n} did not finish")
+        finished = ".message.assistant[data-state=done]"
+        return wait_for(browser, lambda d: len(done := d.find_elements(By.CSS_SELECTOR, finished)) == n and done[-1],
+                        f"reply {n} did not finish")
 
     first = send("Speak, speak.", 1)
     text = browser.execute_script("return arguments[0].firstChild.textContent", first)
@@ -163,4 +166,5 @@ def test_without_a_chat_template_the_page_continues_text_as_ling_chat_does(plain
     # oldest exchange is dropped, as `ling chat` does, and the page says so.
     second = send("Again.", 2)
     assert "(context full: dropped the 1 oldest exchange(s) to make room)" in second.text
-    assert browser.execute_script("return arguments[0].firstChild.textContent", second) == continuation(url, "Again.", 64)
+    text = browser.execute_script("return arguments[0].firstChild.textContent", second)
+    assert text == continuation(url, "Again.", 64)
