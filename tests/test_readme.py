@@ -51,6 +51,7 @@ import pytest
 import torch
 
 from ling import cli
+from ling.errors import LingError
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -167,6 +168,14 @@ def test_missing_extra_messages_give_the_command_that_works_from_a_checkout():
                 match = re.match(r"pip install -e '\.\[(\w+)\]'", command)
                 assert match and match[1] in extras(), f"{path.relative_to(ROOT)}:{number}: {command!r}"
     assert len(found) >= 4  # serve, gguf (two), data: the messages and the docs
+
+
+def test_ling_serve_without_the_serve_extra_says_how_to_install_it(monkeypatch):
+    from ling.serve.server import ServeArgs, serve
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    with pytest.raises(LingError, match=r"needs the serve extra \(fastapi is missing\): pip install -e '\.\[serve\]'"):
+        serve(ServeArgs(ckpt="unused"))
 
 
 def test_a_run_directory_given_as_a_checkpoint_suggests_its_best(tmp_path):
