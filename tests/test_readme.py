@@ -119,7 +119,9 @@ def shell_blocks() -> list[Block]:
 
 def kind(command: str) -> str:
     """How the runner runs a command line (see the module docstring)."""
-    if re.search(r"[|<>]", command.replace("->", "")):
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, "#"
+    if any(set(token) <= set("|&;<>") for token in lexer):  # redirections, pipes, lists
         return "bash"
     words = shlex.split(command, comments=True)
     if words[0] == "ling":
