@@ -23,8 +23,10 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	touch $@
 
+# The demo installs the extras every README command needs (Hugging Face export, the server,
+# GGUF), so that after it every command the README shows works.
 $(VENV)/.ling: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[hf,serve,gguf]"
 	touch $@
 
 $(VENV)/.ling-dev: pyproject.toml $(VENV)/.torch
@@ -40,6 +42,7 @@ $(CHROMEDRIVER):
 
 demo: setup
 	$(BIN)/ling quickstart
+	@echo "ling is installed in $(VENV): run 'source $(VENV)/bin/activate' to use the ling command in this shell"
 
 # pytest exit code 5 means "no tests were collected": for this project that is a broken
 # suite (a bad path or an import-time skip), so it fails loudly instead of passing.

@@ -60,6 +60,12 @@ FORMATS: tuple[Format, ...] = (
 """In the order they are tried: the first whose `detect` accepts the path opens it."""
 
 
+def is_run_dir(path: Path) -> bool:
+    """A training run's directory (`ling pretrain` / `ling finetune` output): its checkpoints
+    are inside, under checkpoints/ and the `best` / `latest` links."""
+    return path.is_dir() and (path / "checkpoints").is_dir() and not (path / "config.json").exists()
+
+
 def load_checkpoint(path: str | Path, device="cpu", dtype: str | torch.dtype | None = None) -> Loaded:
     """The model (and tokenizer, when the checkpoint has one) stored at `path`, in any of `FORMATS`.
 
@@ -68,6 +74,9 @@ def load_checkpoint(path: str | Path, device="cpu", dtype: str | torch.dtype | N
     path = Path(path)
     if not path.exists():
         raise LingError(f"{path}: no such checkpoint directory or .gguf file")
+    if is_run_dir(path):
+        best = "best" if (path / "best").exists() else "latest"
+        raise LingError(f"{path} is a run directory, not a checkpoint: give {path / best} (its {best} checkpoint)")
     for fmt in FORMATS:
         if fmt.detect(path):
             return fmt.load(path, device=device, dtype=dtype)

@@ -43,3 +43,14 @@ def scripted_model(tokenizer: Tokenizer, chain: list[int], context_length: int =
         for current, successor in zip(chain, chain[1:]):
             model.lm_head.weight[successor] = 10 * embed[current] / embed[current].norm()
     return model
+
+
+def cycle_model(tokenizer: Tokenizer, text: str, context_length: int = 64):
+    """A model whose greedy continuation of text[0] is text[1:], text[0], text[1:], ... forever
+    (the characters of `text` must be distinct single-byte tokens)."""
+    chain = tokenizer.encode(text, add_special_tokens=False)
+    model = scripted_model(tokenizer, chain, context_length)
+    with torch.no_grad():
+        embed = model.embed.weight
+        model.lm_head.weight[chain[0]] = 10 * embed[chain[-1]] / embed[chain[-1]].norm()
+    return model

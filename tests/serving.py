@@ -20,8 +20,9 @@ TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak
         "You are all resolved rather to die than to famish? Resolved. resolved. 你好，世界 🙂 ") * 4
 
 
-def make_checkpoint(directory, context_length: int = 128):
-    """A random-init tiny model with a byte-level BPE tokenizer and a chat template.
+def make_checkpoint(directory, context_length: int = 128, chat_template: bool = True):
+    """A random-init tiny model with a byte-level BPE tokenizer and a chat template (or none:
+    a pretrained-only model).
 
     The weights are scaled up so that logits have clear margins: greedy decoding then picks
     the same token whatever the batch shape (no near-ties for rounding to flip). The EOS
@@ -29,7 +30,7 @@ def make_checkpoint(directory, context_length: int = 128):
     max_tokens, which the tests rely on.
     """
     tokenizer = Tokenizer.train_bpe([TEXT], vocab_size=300)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = CHAT_TEMPLATE if chat_template else None
     cfg = ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size, context_length=context_length,
                                 init_std=0.3, tie_embeddings=False)
     torch.manual_seed(0)

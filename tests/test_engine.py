@@ -164,12 +164,42 @@ def test_a_prompt_that_fills_the_context_is_a_clear_error(model):
         engine.generate([[]], GREEDY)
 
 
-def test_generation_stops_when_the_context_is_full(model):
+def test_without_slide_generation_stops_when_the_context_is_full(model):
     engine = Engine(model, max_batch_size=2)
-    long = SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True)
+    long = SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True, slide=False)
     near_end, short = engine.generate([list(range(60)), [1, 2]], long)
     assert (len(near_end.token_ids), near_end.finish_reason) == (4, "length")  # context_length 64
     assert len(short.token_ids) == 62
+    assert near_end.slides == short.slides == 0
+
+
+def greedy_in_sliding_windows(model, prompt, n, context, keep):
+    """Greedy tokens, each predicted by a fresh forward (no cache) on the window the engine
+    should be in: the window restarts at the most recent `keep` tokens whenever it is full."""
+    tokens, start = list(prompt), 0
+    with torch.no_grad():
+        for _ in range(n):
+            if len(tokens) - start > context:  # the row is full and one more token is waiting
+                start = len(tokens) - keep
+            tokens.append(int(model(torch.tensor([tokens[start:]]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def test_generation_slides_past_the_context_as_a_fresh_forward_on_the_cropped_window(model):
+    engine = Engine(model, max_batch_size=2)
+    assert (engine.max_len, engine.slide_keep) == (64, 48)
+    params = SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True)
+    prompts = [[5], list(range(3, 50))]
+    completions = engine.generate(prompts, params)
+    for prompt, completion in zip(prompts, completions):
+        assert (len(completion.token_ids), completion.finish_reason) == (200, "length")
+        assert completion.token_ids == greedy_in_sliding_windows(model, prompt, 200, 64, 48)
+    # a slide before the token that would be the 65th in the row, then every 17 tokens (48 kept + 16 decoded + 1)
+    assert [c.slides for c in completions] == [(len(p) + 199 - 65) // 17 + 1 for p in prompts] == [8, 11]
+    # a sampled request slides too, and its seed still fixes its text
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=100, ignore_eos=True, seed=3)
+    once, twice = engine.generate([[5], [5]], sampled)
+    assert len(once.token_ids) == 100 and once.token_ids == twice.token_ids and once.slides == 3
 
 
 def test_abort_frees_the_slot(model):
@@ -194,8 +224,11 @@ def test_speculative_decoding_equals_plain_greedy(model, draft_seed):
     plain = Engine(model, max_batch_size=3)
     speculative = Engine(model, max_batch_size=3, draft=Engine(draft, max_batch_size=3), num_speculative_tokens=3)
     prompts = PROMPTS + [list(range(2, 60))]  # the last one runs into the context limit mid-proposal
-    params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
-    assert [c.token_ids for c in speculative.generate(prompts, params)] == [c.token_ids for c in plain.generate(prompts, params)]
+    for slide in (False, True):  # stopping at the context, or sliding at the same token as plain decoding
+        params = SamplingParams(temperature=0, max_new_tokens=20 if not slide else 70, ignore_eos=True, slide=slide)
+        expected = plain.generate(prompts, params)
+        assert [c.token_ids for c in speculative.generate(prompts, params)] == [c.token_ids for c in expected]
+        assert [len(c.token_ids) for c in expected] == ([20, 17, 20, 6] if not slide else [70] * 4)
     accepted, proposed = speculative.speculation["accepted"], speculative.speculation["proposed"]
     assert (accepted == proposed) if draft_seed is None else (0 <= accepted < proposed)
     with pytest.raises(LingError, match="greedy"):

@@ -12,7 +12,7 @@ from ling.checkpoint import save_model_dir
 from ling.infer.chat import ChatSession, repl
 from ling.infer.engine import Engine
 from ling.infer.sampling import SamplingParams
-from tests.scripted import SCRIPT, byte_tokenizer, scripted_model
+from tests.scripted import SCRIPT, byte_tokenizer, cycle_model, scripted_model
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -37,6 +37,15 @@ def chat_engine():
     tokenizer.chat_template = CHATML
     chain = tokenizer.encode("\nHi!", add_special_tokens=False) + [end]
     return Engine(scripted_model(tokenizer, chain, context_length=128), tokenizer, max_batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def cycle_ckpt(tmp_path_factory):
+    """A 64-token-context checkpoint whose greedy continuation of 'A' is 'BCDEFGHA' repeated."""
+    tokenizer = byte_tokenizer()
+    path = tmp_path_factory.mktemp("gen") / "cycle"
+    save_model_dir(cycle_model(tokenizer, "ABCDEFGH", context_length=64), tokenizer, path)
+    return str(path)
 
 
 def run(capsys, *argv):
@@ -164,3 +173,44 @@ def test_chat_rejects_a_message_longer_than_the_context_and_carries_on(chat_engi
     lines = out.getvalue().splitlines()
     assert "more than the context holds (128)" in lines[1]
     assert lines[2] == "Hi!" and session.turns == [("hello", "Hi!")]
+
+
+def test_generate_goes_past_the_context_in_a_sliding_window_and_says_so(cycle_ckpt):
+    argv = [sys.executable, "-m", "ling", "generate", cycle_ckpt, "--prompt", "A", "--max-new-tokens", "200",
+            "--temperature", "0", "--ignore-eos", "--kernels", "reference"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "A" + "BCDEFGHA" * 25 + "\n"  # 200 tokens from a 64-token context
+    assert proc.stderr.startswith("[200 tokens in ")
+    assert ("[went past the context (64 tokens) in a sliding window: 8 time(s) the most recent 48 tokens were kept "
+            "and generation went on from them]") in proc.stderr
+
+
+def test_with_no_slide_generate_stops_when_the_context_is_full(cycle_ckpt, capsys):
+    code, out, err = run(capsys, cycle_ckpt, "--prompt", "A", "--max-new-tokens", "200", "--temperature", "0",
+                         "--ignore-eos", "--kernels", "reference", "--no-slide")
+    assert code == 0 and out == "A" + ("BCDEFGHA" * 8)[:63] + "\n"
+    assert err.startswith("[63 tokens in ") and "sliding window" not in err
+
+
+def test_a_prompts_file_slides_too_and_the_summary_counts_the_prompts(cycle_ckpt, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A\nAB\n")
+    code, out, err = run(capsys, cycle_ckpt, "--prompts-file", str(prompts), "--max-new-tokens", "70",
+                         "--temperature", "0", "--ignore-eos", "--kernels", "reference")
+    assert code == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [(r["completion_tokens"], r["finish_reason"]) for r in records] == [(70, "length")] * 2
+    assert records[1]["text"] == ("CDEFGHAB" * 9)[:70]
+    assert "[2 prompt(s) went past the context (64 tokens) in a sliding window: 2 time(s)" in err
+
+
+def test_a_chat_reply_goes_past_the_context_and_the_chat_says_so(cycle_ckpt):
+    engine = Engine(cycle_ckpt, max_batch_size=1, kernels="reference")
+    session = ChatSession(engine, SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True))
+    out = io.StringIO()
+    repl(session, io.StringIO("A\n"), out)
+    lines = out.getvalue().splitlines()
+    assert lines[1] == ("BCDEFGHA" * 13)[:100]
+    assert lines[2] == ("[the reply went past the context (64 tokens): the model went on from its most recent 48 "
+                        "tokens; older exchanges will be dropped next turn]")

@@ -427,7 +427,7 @@ def test_without_the_gguf_package_only_gguf_files_fail_and_say_how_to_install_it
     require_gguf.cache_clear()
     try:
         load_checkpoint(tmp_path / "ckpt")
-        with pytest.raises(LingError, match=r"GGUF files need the gguf package: pip install 'ling\[gguf\]'"):
+        with pytest.raises(LingError, match=r"the gguf package: pip install -e '\.\[gguf\]' \(from the ling checkout\)"):
             load_checkpoint(tmp_path / "m.gguf")
     finally:
         require_gguf.cache_clear()

@@ -396,5 +396,6 @@ def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "x.parquet")
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(LingError, match=r"x.parquet: reading .parquet needs pyarrow: pip install 'ling\[data\]'"):
+    message = r"x.parquet: reading .parquet needs pyarrow: pip install -e '\.\[data\]' \(from the ling checkout\)"
+    with pytest.raises(LingError, match=message):
         run(tmp_path, [tmp_path / "x.parquet"])

@@ -100,7 +100,7 @@ def test_chat_page_streams_a_reply_and_the_stop_button_ends_it(server, browser):
         "temperature": 0, "max_tokens": 24}).json()["choices"][0]["message"]["content"]
     # The page renders the streamed deltas; it must have the same text as the whole answer.
     assert browser.execute_script("return arguments[0].firstChild.textContent", reply) == expected
-    assert "length limit" in reply.text
+    assert "(stopped: the reply reached its limit of 24 tokens, set in Max tokens)" in reply.text
 
     # A long reply (no token limit): stop it while it streams; the server sees the client go away.
     browser.find_element(By.ID, "max-tokens").clear()
@@ -116,3 +116,55 @@ def test_chat_page_streams_a_reply_and_the_stop_button_ends_it(server, browser):
     assert browser.find_element(By.ID, "send").is_enabled() and not browser.find_element(By.ID, "stop").is_enabled()
     wait_for(browser, lambda d: 'ling_sequences_finished_total{reason="abort"} 1.0' in httpx.get(url + "/metrics").text,
              "the server did not abort the stopped reply")
+
+
+@pytest.fixture(scope="module")
+def plain_server(tmp_path_factory):
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("browser") / "tiny-plain", context_length=128, chat_template=False)
+    with live_server(ServeArgs(ckpt=str(ckpt), max_batch_size=1)) as (url, state):
+        yield url, state
+
+
+def continuation(url, prompt, max_tokens):
+    return httpx.post(url + "/v1/completions", json={"prompt": prompt, "temperature": 0,
+                                                      "max_tokens": max_tokens}).json()["choices"][0]["text"]
+
+
+@pytest.mark.timeout(120)
+def test_without_a_chat_template_the_page_continues_text_as_ling_chat_does(plain_server, browser):
+    from selenium.webdriver.common.by import By
+
+    url, _ = plain_server
+    card = httpx.get(url + "/v1/models").json()["data"][0]
+    assert (card["chat_template"], card["max_model_len"]) == (False, 128)
+    refused = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    # the API stays OpenAI's: no template, no chat
+    assert refused.status_code == 400 and "chat template" in refused.json()["error"]["message"]
+
+    browser.get(url + "/")
+    plain = "tiny-plain · plain continuation (no chat template)"
+    wait_for(browser, lambda d: d.find_element(By.ID, "model").text == plain,
+             "the page did not say it runs in plain continuation mode")
+    assert "plain continuation mode, as ling chat does" in browser.find_element(By.ID, "mode").text
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+
+    def send(text, n):
+        browser.find_element(By.ID, "input").send_keys(text)
+        browser.find_element(By.ID, "send").click()
+        finished = ".message.assistant[data-state=done]"
+        return wait_for(browser, lambda d: len(done := d.find_elements(By.CSS_SELECTOR, finished)) == n and done[-1],
+                        f"reply {n} did not finish")
+
+    first = send("Speak, speak.", 1)
+    text = browser.execute_script("return arguments[0].firstChild.textContent", first)
+    assert text == continuation(url, "Speak, speak.", 64)  # half the 128-token context
+    assert "error" not in first.get_attribute("class")
+    assert "(stopped: the reply reached its limit of 64 tokens, half the context" in first.text
+    # The transcript (message + reply, then the next message) no longer leaves 64 tokens: the
+    # oldest exchange is dropped, as `ling chat` does, and the page says so.
+    second = send("Again.", 2)
+    assert "(context full: dropped the 1 oldest exchange(s) to make room)" in second.text
+    text = browser.execute_script("return arguments[0].firstChild.textContent", second)
+    assert text == continuation(url, "Again.", 64)

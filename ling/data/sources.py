@@ -241,7 +241,8 @@ def _read_parquet(path: Path, column: str, max_chars: int) -> Iterator[Piece]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise LingError(f"{path}: reading .parquet needs pyarrow: pip install 'ling[data]'") from None
+        raise LingError(f"{path}: reading .parquet needs pyarrow: "
+                        f"pip install -e '.[data]' (from the ling checkout)") from None
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:

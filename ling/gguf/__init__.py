@@ -9,5 +9,5 @@
 - `convert`: the `ling convert to-gguf` / `from-gguf` commands.
 
 Everything goes through the `gguf` package (llama.cpp's own gguf-py), an optional
-dependency: `pip install 'ling[gguf]'`.
+dependency: `pip install -e '.[gguf]'` from the checkout.
 """

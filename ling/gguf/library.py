@@ -15,4 +15,4 @@ def require_gguf():
     try:
         return importlib.import_module("gguf")
     except ImportError:
-        raise LingError("GGUF files need the gguf package: pip install 'ling[gguf]'") from None
+        raise LingError("GGUF files need the gguf package: pip install -e '.[gguf]' (from the ling checkout)") from None

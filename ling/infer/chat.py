@@ -7,6 +7,8 @@ is appended to the transcript and the model continues it.
 
 When the conversation no longer fits in the context (prompt + room for the reply), the
 oldest turns are dropped first and the chat says so; the system message is always kept.
+A reply that fills the context goes on in a sliding window over its most recent part (the
+engine's slide), and the chat says so after it.
 Commands: /reset (forget the conversation), /system TEXT (set the system message; empty
 clears it), /exit (or end of input). Ctrl-C stops a reply; at the prompt it exits.
 """
@@ -100,16 +102,20 @@ class ChatSession:
         ids, notices = self.fit(user)
         for notice in notices:
             yield notice + "\n"
-        pieces, finish = [], None
+        pieces, finish, slides = [], None, 0
         try:
             for _, delta in self.engine.stream([ids], self.params):
                 pieces.append(delta.text)
                 finish = delta.finish_reason
+                slides += delta.slid
                 yield delta.text
         finally:
             self.turns.append((user, "".join(pieces)))
-        if finish == "length" and len(ids) + self.params.max_new_tokens > self.engine.max_len:
-            yield "\n[context full: the reply was cut; older exchanges will be dropped next turn]"
+        if slides:
+            yield (f"\n[the reply went past the context ({self.engine.max_len} tokens): the model went on from "
+                   f"its most recent {self.engine.slide_keep} tokens; older exchanges will be dropped next turn]")
+        elif finish == "length" and len(ids) + self.params.max_new_tokens > self.engine.max_len:
+            yield "\n[context full: the reply was cut (--no-slide); older exchanges will be dropped next turn]"
 
 
 def repl(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:

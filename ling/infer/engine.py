@@ -34,6 +34,16 @@ graphs over static shapes — see `ling.kernels.compile_decision`) takes seconds
 seconds to compile, so it is opt-in: worth it for a server or a long batch job, not for one
 prompt (see BENCHMARKS.md, section Inference).
 
+Past the context. A request that fills its cache row (prompt + output = `max_len`) and has
+tokens still to go *slides*: the most recent `slide_keep` tokens (three quarters of the
+row) are prefilled again from position 0, as a fresh forward on that window, and decoding
+goes on from there — what nanoGPT's sampler does by cropping its input to the context, but
+re-prefilling once per quarter of the context rather than running the whole window for
+every token. Each token after a slide is the model's prediction from that window alone,
+so text past the context is that of a model which sees only its most recent part. A
+request with `slide=False` (the server's: OpenAI semantics) stops there instead with
+finish_reason 'length'.
+
 A request's own failure (its scores are not finite, its first tokens cannot be set up,
 its text cannot be decoded) ends that request alone, with finish_reason "error" and the
 reason in `Delta.error`; the others in the batch go on as if nothing happened. Only a
@@ -80,6 +90,8 @@ class Delta:
     the context is full), 'abort' or 'error'"""
     error: str | None = None
     """why this request failed (finish_reason 'error'); the rest of the batch is unaffected"""
+    slid: bool = False
+    """this token came right after a slide: the context was full and its most recent part was re-prefilled"""
 
 
 @dataclass
@@ -92,6 +104,8 @@ class Completion:
     prompt_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
     error: str | None = None
+    slides: int = 0
+    """how many times the context filled and generation went on in its most recent part"""
 
     @classmethod
     def from_deltas(cls, deltas: list[Delta], prompt_tokens: int) -> "Completion":
@@ -102,6 +116,7 @@ class Completion:
             prompt_tokens=prompt_tokens,
             logprobs=[x for d in deltas for x in d.logprobs],
             error=deltas[-1].error,
+            slides=sum(d.slid for d in deltas),
         )
 
 
@@ -118,6 +133,12 @@ class _Request:
     slot: int = -1
     position: int = 0
     """position of the token to be fed next (= tokens already in the cache)"""
+    window_start: int = 0
+    """index in prompt + output of the token at cache position 0 (> 0 once it slid)"""
+
+    def window(self) -> list[int]:
+        """The tokens of the cache row, in position order, and the one to be fed next."""
+        return (self.prompt_ids + self.output_ids)[self.window_start:]
 
 
 class Engine:
@@ -154,6 +175,9 @@ class Engine:
         if max_batch_size < 1 or self.max_len < 2:
             raise LingError(f"Engine needs max_batch_size >= 1 and max_len >= 2 (got {max_batch_size}, {self.max_len})")
         self.max_batch_size = max_batch_size
+        self.slide_keep = max(1, self.max_len * 3 // 4)
+        """tokens kept when a request's row is full and it slides: enough context to go on in
+        the same voice, and few enough that re-prefilling happens once per quarter of the row"""
         self.kernels = KernelReport("reference")
         """the kernels this engine decodes with (`ling.kernels`)"""
         cache_dtype = self.dtype
@@ -237,7 +261,8 @@ class Engine:
             id=request_id if request_id is not None else f"req-{next(self._ids)}",
             prompt_ids=prompt_ids,
             params=params,
-            max_new_tokens=min(params.max_new_tokens, self.max_len - len(prompt_ids)),
+            max_new_tokens=params.max_new_tokens if params.slide else min(params.max_new_tokens,
+                                                                          self.max_len - len(prompt_ids)),
             stop_ids=frozenset(stop_ids),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer is not None else None,
             stops=StopStrings(params.stop),
@@ -282,9 +307,11 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Delta]:
-        """Drop aborted requests, decode one token for every running request, then admit
+        """Drop aborted requests, slide the ones whose cache row is full (prefill of the most
+        recent part and a token), decode one token for every running request, then admit
         waiting ones into the free slots (prefill and first token)."""
         deltas = self._drop_aborted()
+        deltas += self._slide()
         running = [r for r in self._slots if r is not None]
         if running:
             deltas += self._speculate(running) if self.draft is not None else self._decode(running)
@@ -331,11 +358,28 @@ class Engine:
                 deltas += [self._fail(r, e) for r in group if self._slots[r.slot] is r]
         return deltas
 
+    def _slide(self) -> list[Delta]:
+        """Requests whose cache row is full keep their most recent `slide_keep` tokens, which
+        are prefilled from position 0 (in groups, as prompts are); each gets its next token."""
+        full = [r for r in self._slots if r is not None and r.position >= self.max_len]
+        deltas = []
+        for r in full:
+            r.window_start = len(r.prompt_ids) + len(r.output_ids) - self.slide_keep
+        for group in _prefill_groups(full):
+            try:
+                deltas += self._prefill(group)
+            except Exception as e:  # these requests only
+                deltas += [self._fail(r, e) for r in group if self._slots[r.slot] is r]
+        for delta in deltas:
+            delta.slid = delta.finish_reason != "error"
+        return deltas
+
     def _prefill(self, group: list[_Request]) -> list[Delta]:
-        """Run the prompts of requests in neighbouring slots through the model in one padded
-        batch, writing their cache rows; sample each one's first token."""
+        """Run the windows (prompts, or the most recent part of a full row) of requests in
+        neighbouring slots through the model in one padded batch, writing their cache rows;
+        sample each one's next token."""
         start = group[0].slot
-        prompts = [r.prompt_ids for r in group]
+        prompts = [r.window() for r in group]
         logits = self._prefill_cache(start, prompts)
         if self.draft is not None:
             self.draft._prefill_cache(start, prompts)
@@ -346,8 +390,8 @@ class Engine:
         self._positions[rows, 0] = torch.tensor([len(p) for p in prompts], device=self.device)
         self._live[rows] = 1
         deltas = []
-        for r, token, record in zip(group, next_ids.tolist(), records):
-            r.position = len(r.prompt_ids)
+        for r, token, record, prompt in zip(group, next_ids.tolist(), records, prompts):
+            r.position = len(prompt)
             deltas.append(self._accept(r, token, record, errors.get(r.slot - start)))
         return deltas
 
@@ -399,12 +443,14 @@ class Engine:
         first disagreement plus the model's own next token. Every kept token is the model's
         greedy choice, so the text is exactly that of plain greedy decoding.
 
-        Positions past the end of the cache are clamped to its last slot: tokens there are
-        beyond the request's length limit and are never kept."""
+        Near the end of a row, the draft's positions are clamped to its last slot, and the
+        model's inputs past that slot repeat the one at it (so every write there is the same
+        key); a row keeps only tokens predicted from positions inside the row, so it fills
+        the row exactly as plain decoding does and slides at the same token."""
         k, last, draft = self.num_speculative_tokens, self.max_len - 1, self.draft
         hi = max(r.slot for r in running) + 1
         by_slot = {r.slot: r for r in running}
-        sequences = {r.slot: r.prompt_ids + r.output_ids for r in running}
+        sequences = {r.slot: r.window() for r in running}
         start = [by_slot[i].position if i in by_slot else 1 for i in range(hi)]
         top = max(start)
         # The draft first catches up on the last two tokens (the one before may be new to it
@@ -421,16 +467,17 @@ class Engine:
         proposed = torch.stack(proposals, dim=1)
         current = torch.tensor([sequences[i][p] if i in by_slot else 0 for i, p in enumerate(start)], device=self.device)
         self.cache.kv_len = min(top + k + 1, self.max_len)
-        positions = (base + self._arange[: k + 1]).clamp(max=last)
-        verified = self.model(torch.cat([current[:, None], proposed], 1), positions, cache=self.cache).argmax(-1)
+        inputs = (base + self._arange[: k + 1]).clamp(max=last) - base  # the input at each index
+        tokens = torch.cat([current[:, None], proposed], 1).gather(1, inputs)
+        verified = self.model(tokens, base + inputs, cache=self.cache).argmax(-1)
         proposed, verified = proposed.tolist(), verified.tolist()
         deltas = []
         for r in running:
             d, g = proposed[r.slot], verified[r.slot]
-            n = 0
-            while n < k and d[n] == g[n]:
+            n, inside = 0, min(k, last - r.position)  # g[i] is predicted from position r.position + i
+            while n < inside and d[n] == g[n]:
                 n += 1
-            self.speculation["proposed"] += k
+            self.speculation["proposed"] += inside
             self.speculation["accepted"] += n
             for token in d[:n] + [g[n]]:
                 r.position += 1
@@ -547,7 +594,7 @@ def _prefill_groups(requests: list[_Request]) -> list[list[_Request]]:
     for r in requests:
         group = groups[-1] if groups else None
         if group and group[-1].slot + 1 == r.slot:
-            lengths = [len(x.prompt_ids) for x in group] + [len(r.prompt_ids)]
+            lengths = [len(x.window()) for x in group] + [len(r.window())]
             if max(lengths) * len(lengths) <= 2 * sum(lengths):
                 group.append(r)
                 continue

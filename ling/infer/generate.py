@@ -188,14 +188,24 @@ def generate_one(engine: Engine, prompt: str, params: SamplingParams, stream: bo
     """Print the prompt and its continuation (as it comes with `stream`), then a summary."""
     start = time.perf_counter()
     print(prompt, end="", flush=True)
-    tokens = 0
+    tokens = slides = 0
     for _, delta in engine.stream([prompt], params):
         tokens += len(delta.token_ids)
+        slides += delta.slid
         print(delta.text, end="", flush=stream)
     print(flush=True)
     elapsed = time.perf_counter() - start
     print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s{speculation_note(engine)}]\n"
-          f"[{engine.kernels.summary()}]", file=sys.stderr)
+          f"{slide_note(engine, slides)}[{engine.kernels.summary()}]", file=sys.stderr)
+
+
+def slide_note(engine: Engine, slides: int, prompts: int | None = None) -> str:
+    """A summary line saying that generation went past the context, or ''."""
+    if not slides:
+        return ""
+    who = "" if prompts is None else f"{prompts} prompt(s) "
+    return (f"[{who}went past the context ({engine.max_len} tokens) in a sliding window: {slides} time(s) the "
+            f"most recent {engine.slide_keep} tokens were kept and generation went on from them]\n")
 
 
 def generate_many(engine: Engine, prompts: list[tuple[str, SamplingParams, str]], out: TextIO, stream: bool) -> None:
@@ -211,11 +221,14 @@ def generate_many(engine: Engine, prompts: list[tuple[str, SamplingParams, str]]
             raise LingError(f"{where}: {e}") from None
     parts: list[list] = [[] for _ in prompts]
     results: list[dict | None] = [None] * len(prompts)
-    start, tokens = time.perf_counter(), 0
+    start, tokens, slides, slid_prompts = time.perf_counter(), 0, 0, set()
     with tqdm(total=len(prompts), unit="prompt", file=sys.stderr, disable=None) as bar:
         for i, delta in engine.stream(ids, params):
             parts[i].append(delta)
             tokens += len(delta.token_ids)
+            if delta.slid:
+                slides += 1
+                slid_prompts.add(i)
             if delta.finish_reason is None:
                 continue
             results[i] = result_record(i, texts[i], Completion.from_deltas(parts[i], len(ids[i])))
@@ -228,7 +241,8 @@ def generate_many(engine: Engine, prompts: list[tuple[str, SamplingParams, str]]
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     elapsed = time.perf_counter() - start
     print(f"{len(prompts)} prompts, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tokens/s"
-          f"{speculation_note(engine)})\n{engine.kernels.summary()}", file=sys.stderr)
+          f"{speculation_note(engine)})\n{slide_note(engine, slides, len(slid_prompts))}{engine.kernels.summary()}",
+          file=sys.stderr)
 
 
 def speculation_note(engine: Engine) -> str:

@@ -70,6 +70,9 @@ class SamplingParams:
     """report the log-probability of each generated token"""
     top_logprobs: int = 0
     """also report this many most likely alternatives per position"""
+    slide: bool = True
+    """when prompt + output fill the context, keep going on its most recent part (a sliding
+    window, re-prefilled); with --no-slide generation stops there (finish_reason 'length')"""
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -162,7 +162,7 @@ def openapi_schema(app: FastAPI) -> dict:
 
 def model_card(state: ServerState) -> dict:
     return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "ling",
-            "max_model_len": state.max_model_len}
+            "max_model_len": state.max_model_len, "chat_template": bool(state.tokenizer.chat_template)}
 
 
 def check_model(state: ServerState, model: str | None) -> None:
@@ -304,7 +304,8 @@ def sampling_requests(state: ServerState, req, prompts: list[list[int]]) -> list
             params = SamplingParams(
                 max_new_tokens=max_tokens or room, temperature=req.temperature, top_p=req.top_p,
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, stop=list(req.stop),
-                seed=None if req.seed is None else req.seed + i, logprobs=top is not None, top_logprobs=top or 0)
+                seed=None if req.seed is None else req.seed + i, logprobs=top is not None, top_logprobs=top or 0,
+                slide=False)  # OpenAI semantics: a full context ends the answer ("length")
             requests.append((prompt, params))
     return requests
 

@@ -137,7 +137,8 @@ def serve(args: ServeArgs) -> None:
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        raise LingError(f"'ling serve' needs the serve extra ({e.name} is missing): pip install 'ling[serve]'") from None
+        raise LingError(f"'ling serve' needs the serve extra ({e.name} is missing): "
+                        f"pip install -e '.[serve]' (from the ling checkout)") from None
     if not 0 <= args.port <= 65535:
         raise LingError(f"--port must be between 0 and 65535 (0 = any free port), got {args.port}")
     sock = listen(args.host, args.port)  # first, so that a port in use fails before the model loads
