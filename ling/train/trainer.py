@@ -475,8 +475,8 @@ class Trainer:
         process or DDP) into a model that is not sharded."""
         saved_sharded = state.get("parallel") == "fsdp"
         if self.dist.sharded and not saved_sharded:
-            raise LingError(f"{path} was saved by a {state.get('parallel', 'ddp')} run, which keeps the whole "
-                            f"optimizer state in {TRAIN_STATE} and cannot be sharded: resume it with "
+            raise LingError(f"{path} was saved without FSDP, which keeps the whole optimizer state in "
+                            f"{TRAIN_STATE}, not sharded: resume it with "
                             "--train.parallel ddp (or one process), or start from its weights with "
                             f"{self.init_hint(path)}")
         if saved_sharded:
