@@ -14,8 +14,9 @@ RUN_DIR/
 
 A checkpoint is written into a temporary directory and renamed into place, so a crash
 leaves either the whole checkpoint or none. `train_state.pt` is written last and records
-the SHA-256 of every other file (the shards of an FSDP run's `train_state.dcp/` too); a checkpoint whose files are missing, unreadable or do not
-match is reported and skipped when resuming. It holds only tensors and plain Python values,
+the SHA-256 of every other file (the shards of an FSDP run's `train_state.dcp/` too); a
+checkpoint whose files are missing, unreadable or do not match is reported and skipped
+when resuming. It holds only tensors and plain Python values,
 so it loads with `torch.load(..., weights_only=True)`.
 
 What ling may delete or replace in a run directory is what it wrote: a checkpoint
