@@ -9,9 +9,11 @@ alike, and the table gives the medians. Per process it reports:
 
 - state: the bytes of this process's parameters + gradients + optimizer state, counted from
   the tensors themselves (a DTensor counts its local shard);
-- peak RSS: the process's peak resident memory minus its resident memory before the model
-  was built (on CUDA: `torch.cuda.max_memory_allocated`) — state plus everything the step
-  allocates besides (DDP's gradient buckets, FSDP's gathered blocks, activations);
+- RSS: the process's resident memory minus its resident memory before the model was built —
+  after the warm-up step (freed memory handed back to the OS with `malloc_trim`), at its
+  peak during the timed steps (on CUDA: `torch.cuda.max_memory_allocated`), and at its peak
+  over the whole job, building the model included: state plus everything else the process
+  holds (DDP's gradient buckets, FSDP's gathered groups and their gradients, activations);
 - tokens/s of the whole job (both processes).
 
     PYTHONPATH=. python benchmarks/bench_fsdp.py [--rounds 2] [--steps 3] [--precision fp32]
@@ -20,6 +22,7 @@ alike, and the table gives the medians. Per process it reports:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -99,6 +102,8 @@ def worker(args) -> None:
     grads = _local_bytes(p for p in trainer.model.parameters() if p.requires_grad)  # one fp32 gradient each
     optimizer = _local_bytes(v for s in trainer.optimizer.state.values() for v in s.values()
                              if torch.is_tensor(v) and v.dim() > 0)
+    if sys.platform.startswith("linux"):  # hand back what building the model and the warm-up freed
+        ctypes.CDLL(None).malloc_trim(0)
     steady = _rss() - baseline
     if device.type == "cpu":
         _reset_peak_rss()
