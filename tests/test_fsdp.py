@@ -14,11 +14,15 @@ import pytest
 import torch
 
 from ling import cli
-from ling.checkpoint import load_checkpoint
+from ling.checkpoint import load_checkpoint, save_model_dir
+from ling.config import ModelConfig
 from ling.data.synthetic import make_examples, write_jsonl
+from ling.model import build_model
+from ling.tokenizer import Tokenizer
 from tests.train_helpers import one_thread_env, write_dataset
 
 MAX_STEPS = 20
+ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,?!+0123456789\n"
 LAUNCH = [sys.executable, "-m", "torch.distributed.run"]
 
 
@@ -158,14 +162,8 @@ def test_two_nodes_meet_through_a_c10d_rendezvous(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_under_fsdp_trains_the_adapters_of_one_process(runs, tmp_path):
-    from tests.test_finetune import ALPHABET  # noqa: F401 — the same tiny base as the fine-tuning tests
-    from ling.checkpoint import save_model_dir
-    from ling.config import ModelConfig
-    from ling.model import build_model
-    from ling.tokenizer import Tokenizer
-
-    base = tmp_path / "base"
+def test_lora_and_activation_checkpointing_under_fsdp_train_the_adapters_of_one_process(runs, tmp_path):
+    base = tmp_path / "base"  # a tiny random-init base with a char tokenizer, as the fine-tuning tests use
     tok = Tokenizer.train_char([ALPHABET])
     torch.manual_seed(0)
     save_model_dir(build_model(ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, context_length=64)), tok, base)
@@ -178,7 +176,7 @@ def test_lora_under_fsdp_trains_the_adapters_of_one_process(runs, tmp_path):
                         "--train.log-every", "1", "--train.warmup-steps", "1", "--train.lr", "3e-3"]
     one = subprocess.Popen([sys.executable, "-m", "ling", *args(tmp_path / "one")], stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True, env=one_thread_env())
-    two = torchrun(2, args(tmp_path / "two"))
+    two = torchrun(2, args(tmp_path / "two") + ["--train.activation-checkpointing"])  # recomputed: the same values
     finish(one), finish(two)
     assert_close_curves(curve(tmp_path / "two"), curve(tmp_path / "one"))
     latest = tmp_path / "two" / "latest"
