@@ -6,6 +6,7 @@ RUN_DIR/
   metrics.jsonl        one line per log step and per evaluation
   report.png           loss / throughput / learning-rate curves
   checkpoints/step-N/  config.json, model.safetensors, tokenizer files, train_state.pt
+                       (+ train_state.dcp/: the sharded training state of an FSDP run)
   latest -> checkpoints/step-N   the newest checkpoint
   best   -> checkpoints/step-M   the one with the lowest validation loss
   .ling.lock           held (fcntl.flock) by the one process writing the run; holds its PID
@@ -13,8 +14,9 @@ RUN_DIR/
 
 A checkpoint is written into a temporary directory and renamed into place, so a crash
 leaves either the whole checkpoint or none. `train_state.pt` is written last and records
-the SHA-256 of the weights file; a checkpoint whose files are missing, unreadable or do not
-match is reported and skipped when resuming. It holds only tensors and plain Python values,
+the SHA-256 of every other file (the shards of an FSDP run's `train_state.dcp/` too); a
+checkpoint whose files are missing, unreadable or do not match is reported and skipped
+when resuming. It holds only tensors and plain Python values,
 so it loads with `torch.load(..., weights_only=True)`.
 
 What ling may delete or replace in a run directory is what it wrote: a checkpoint
@@ -255,7 +257,7 @@ class RunDir:
             return False
         if not isinstance(files, dict):
             return False
-        return {p.name for p in checkpoint.iterdir()} <= {*files, TRAIN_STATE}
+        return {p.name for p in checkpoint.iterdir()} <= {*(name.split("/")[0] for name in files), TRAIN_STATE}
 
     def refuse_to_overwrite(self, resumed_step: int, hint: Callable[[Path], str]) -> None:
         """Raise a LingError if continuing from `resumed_step` would one day overwrite a
@@ -292,7 +294,7 @@ class RunDir:
                             "not overwriting it (move it away and resume with --resume auto)")
         with atomic_dir(target, overwrite=True) as tmp:
             write_weights(tmp)
-            files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             torch.save({**train_state, "files": files}, tmp / TRAIN_STATE)
         self._point("latest", target)
         if is_best:

@@ -45,6 +45,13 @@ class TrainConfig:
     first steps include the compile time)"""
     activation_checkpointing: bool = False
     """recompute each block in the backward pass instead of storing its activations"""
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    """how several processes (torchrun) share the work: ddp = each holds the whole model, its
+    gradients and optimizer state; fsdp = each holds 1/N of them (FSDP2), gathering a block's
+    weights just before it runs; auto = ddp when there is more than one process"""
+    reshard_after_forward: bool = True
+    """fsdp: free each block's gathered weights after its forward pass and gather them again
+    for the backward (less memory, one more all-gather per block)"""
     eval_every: int = 250
     """evaluate on the fixed validation batches and save a checkpoint every N steps"""
     eval_batches: int = 20

@@ -246,13 +246,13 @@ def _sample_prompts(examples: list[Example], tokenizer: Tokenizer, n: int, seq_l
     return reply_prompts(examples[:n], tokenizer, seq_len)
 
 
-def sample_hook(model, tokenizer: Tokenizer, prompts: list[dict], args: FinetuneArgs, device, precision: str):
+def sample_hook(tokenizer: Tokenizer, prompts: list[dict], args: FinetuneArgs, device, precision: str):
     """After each evaluation: answer the held-out prompts greedily, append them to samples.jsonl,
     and report the exact-match rate against the references."""
     path = Path(args.out) / "samples.jsonl"
     autocast = autocast_context(device.type, precision)
 
-    def on_eval(step: int) -> dict:
+    def on_eval(step: int, model) -> dict:
         if not prompts:
             return {}
         rows = []
@@ -269,8 +269,8 @@ def sample_hook(model, tokenizer: Tokenizer, prompts: list[dict], args: Finetune
     return on_eval
 
 
-def accuracy_hook(model, val_batches, device, precision: str):
-    def on_eval(step: int) -> dict:
+def accuracy_hook(val_batches, device, precision: str):
+    def on_eval(step: int, model) -> dict:
         _, accuracy, _ = score_classifier(model, val_batches, device, autocast_context(device.type, precision))
         model.train()
         return {"val_accuracy": accuracy}
@@ -291,7 +291,7 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True):
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise LingError(f"--dropout must be in [0, 1), got {args.dropout}")
     device = pick_device(args.device)
-    dist = distributed.init_distributed(device.type)
+    dist = distributed.init_distributed(device.type, args.train.parallel)
     try:
         if dist.enabled and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank)
@@ -321,10 +321,10 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True):
         val_mine = SFTBatches(data.val, args.train.micro_batch, pad, pack=args.pack, seq_len=seq_len, shuffle=False,
                               rank=dist.rank, world_size=dist.world_size)
         if args.task == "classification":
-            on_eval = accuracy_hook(model, val_all.fixed_batches(), device, precision)
+            on_eval = accuracy_hook(val_all.fixed_batches(), device, precision)
         else:
             prompts = _sample_prompts(data.val_examples, tokenizer, args.samples, seq_len)
-            on_eval = sample_hook(model, tokenizer, prompts, args, device, precision)
+            on_eval = sample_hook(tokenizer, prompts, args, device, precision)
         saver = Saver(args.method, args.lora, str(Path(args.base).resolve()), data.new_token_ids,
                       args.task == "classification")
         resolved = dataclasses.replace(args, device=str(device), train=dataclasses.replace(args.train, precision=precision))

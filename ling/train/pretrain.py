@@ -60,7 +60,7 @@ def pretrain(args: PretrainArgs) -> int:
 def run_pretraining(args: PretrainArgs, show_summary: bool = True) -> TrainResult:
     """The whole command; returns the result for callers such as `ling quickstart`."""
     device = pick_device(args.device)
-    dist = distributed.init_distributed(device.type)
+    dist = distributed.init_distributed(device.type, args.train.parallel)
     try:
         if dist.enabled and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank)
@@ -94,7 +94,8 @@ def run_pretraining(args: PretrainArgs, show_summary: bool = True) -> TrainResul
         if dist.is_main:
             print(f"model: {model_cfg.name}, {model.num_params() / 1e6:.2f}M parameters · {precision} on {device}"
                   f" · batch {args.train.batch_tokens:,} tokens = {dist.world_size} process(es) × {accumulation}"
-                  f" × {args.train.micro_batch} × {seq_len}" + (" · compiled" if args.train.compile else ""),
+                  f" × {args.train.micro_batch} × {seq_len}" + (" · compiled" if args.train.compile else "")
+                  + (" · FSDP (sharded)" if dist.sharded else " · DDP" if dist.enabled else ""),
                   file=sys.stderr)
         result = trainer.fit(args.resume)
         if show_summary and dist.is_main and not result.interrupted:

@@ -6,7 +6,7 @@ A method decides three things and hands them to `Trainer`:
 - which positions count in the loss: the batch's labels (`IGNORE_INDEX` elsewhere), and
   if needed a `loss_fn` (e.g. a classification head) and how weights are saved/loaded.
 
-Everything else — mixed precision, gradient accumulation, DDP, clipping, schedules,
+Everything else — mixed precision, gradient accumulation, DDP or FSDP, clipping, schedules,
 evaluation, checkpoints with exact resume, Ctrl-C, metrics and the progress bar — is here
 once. The loss of a step is the mean over every counted position of the global batch
 (all micro-batches of all processes), so accumulation and world size do not change it.
@@ -21,11 +21,12 @@ trainer holds its lock (see `RunDir.open`) from construction to the end of `fit`
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -44,8 +45,8 @@ from ling.kernels import KernelReport, apply_training_kernels, plan_training_ker
 from ling.model import Transformer, autocast_context
 from ling.train import distributed
 from ling.train.allocator import reuse_freed_memory
-from ling.train.checkpointing import (RunDir, intact_weights, load_model_weights, read_train_state, rng_state,
-                                      seed_everything, set_rng_state)
+from ling.train.checkpointing import (TRAIN_STATE, RunDir, intact_weights, load_model_weights, read_train_state,
+                                      rng_state, seed_everything, set_rng_state)
 from ling.train.config import TrainConfig
 from ling.train.distributed import Dist
 from ling.train.metrics import Throughput, mfu, peak_flops, peak_memory
@@ -118,19 +119,33 @@ class Trainer:
         """the command that starts a new run from a checkpoint's weights (offered when its
         train state is unreadable)"""
         self.on_eval = on_eval
-        """called on the main process after each evaluation with the step; the metrics it returns
-        join that evaluation's metrics.jsonl line (e.g. a fine-tuning run's accuracy)"""
+        """called on the main process after each evaluation with the step and the whole model (a
+        gathered copy under FSDP); the metrics it returns join that evaluation's metrics.jsonl
+        line (e.g. a fine-tuning run's accuracy)"""
         if device.type == "cpu":
             reuse_freed_memory()
         self.run = RunDir(run_dir)
         if dist.is_main:  # before anything is written there
             self.run.open()
-        self.model = model  # bare: what is saved, loaded and sampled from
+        self.model = model  # bare (sharded in place under FSDP): what is saved, loaded and sampled from
         model.to(device)
         for module in model.modules():  # the Transformer, also inside a fine-tuning wrapper
             if hasattr(module, "activation_checkpointing"):
                 module.activation_checkpointing = cfg.activation_checkpointing
         self.kernels = self._apply_kernels(kernels)
+        self.skeleton = None
+        """under FSDP, rank 0's weightless copy of the model that gathered weights fill (to save, sample)"""
+        if dist.sharded:
+            from ling.train import fsdp
+
+            if precision == "fp16":
+                raise LingError("--train.parallel fsdp trains in bf16 or fp32 (fp16's gradient scaler is not "
+                                "sharded): use --train.precision bf16")
+            self.skeleton = fsdp.skeleton(model) if dist.is_main else None
+            fsdp.shard_model(model, precision, cfg.reshard_after_forward)
+        self._val_rounds = distributed.max_over_ranks(len(val_batches), dist, device)
+        self.run_id = distributed.broadcast_object(os.getpid(), dist)
+        """rank 0's PID, naming the temporaries every process writes into"""
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise LingError("no parameter has requires_grad: nothing to train")
@@ -233,13 +248,13 @@ class Trainer:
         counts = torch.tensor([float(sum(b.num_targets for b in micro)), float(sum(b.num_tokens for b in micro))],
                               device=self.device)
         n_targets, n_tokens = distributed.all_reduce_sum(counts, self.dist)
-        # DDP averages gradients over processes; scale so the result is the global mean.
-        scale = self.dist.world_size / n_targets
+        # The gradient reduction sums over processes (FSDP) or averages (DDP); scale so the
+        # result is the mean over the global batch.
+        scale = distributed.gradient_divisor(self.dist) / n_targets
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
-            sync = nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
-            with sync:
+            with distributed.accumulating(self.train_model, self.dist, last):
                 with autocast_context(self.device.type, self.precision):
                     loss = self.loss_fn(self.train_model, batch.to(self.device))
                 scaled = loss * scale
@@ -251,6 +266,8 @@ class Trainer:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            if hasattr(norm, "full_tensor"):  # FSDP: the norm of sharded gradients, reduced over processes
+                norm = norm.full_tensor()
         # One wait for the device gives both checks (the same values on every process).
         loss_value, norm_value = torch.stack([mean_loss.float(), mean_loss.new_zeros(()) if norm is None
                                               else norm.float()]).tolist()
@@ -311,6 +328,10 @@ class Trainer:
             with autocast_context(self.device.type, self.precision):
                 totals[0] += self.loss_fn(self.eval_model, batch.to(self.device)).float()
             totals[1] += batch.num_targets
+        if self.dist.sharded:  # every process takes part in every forward pass: as many as the busiest
+            for _ in range(self._val_rounds - len(self.val_batches)):
+                with autocast_context(self.device.type, self.precision):
+                    self.eval_model(torch.zeros(1, 1, dtype=torch.long, device=self.device))
         self.eval_model.train()
         totals = distributed.all_reduce_sum(totals, self.dist)
         return float(totals[0] / totals[1]) if totals[1] > 0 else None
@@ -326,9 +347,10 @@ class Trainer:
             self.best_val_loss = val_loss
         self.last_val_loss = val_loss
         record = {"kind": "eval", "step": self.step, "val_loss": val_loss, "tokens": self.tokens_seen}
+        plain = self.plain_model()
         if self.cfg.sample_tokens > 0 and self.sample_prompt and self.tokenizer is not None and self.dist.is_main:
-            record["sample"] = self.sample()
-        extra = self.on_eval(self.step) if self.on_eval is not None and self.dist.is_main else {}
+            record["sample"] = self.sample(plain)
+        extra = self.on_eval(self.step, plain) if self.on_eval is not None and self.dist.is_main else {}
         record.update(extra)
         self.metrics.write(record)
         if self.dist.is_main:
@@ -338,25 +360,56 @@ class Trainer:
                           + (" (best)" if is_best else "") + shown)
             if "sample" in record:
                 bar.write(f"sample: {record['sample']!r}")
-        self.save_checkpoint(is_best)
+        self._save(is_best, plain)
         self.metrics.plot()
 
-    def sample(self) -> str:
+    def plain_model(self) -> torch.nn.Module | None:
+        """The whole model, as save hooks, sampling and evaluation hooks take it: the model itself,
+        or under FSDP a copy with the gathered weights on rank 0 (None elsewhere; a collective)."""
+        if not self.dist.sharded:
+            return self.model
+        from ling.train import fsdp
+
+        plain = fsdp.plain_copy(self.model, self.skeleton)
+        return plain.to(self.device) if plain is not None else None
+
+    def sample(self, model: torch.nn.Module) -> str:
         """A short text sample from the model (its own RNG: training randomness is untouched)."""
         from ling.infer.generate import generate_tokens
 
-        ids = list(generate_tokens(self.model, self.sample_prompt, self.cfg.sample_tokens, temperature=0.8,
+        ids = list(generate_tokens(model, self.sample_prompt, self.cfg.sample_tokens, temperature=0.8,
                                    top_k=50, seed=self.cfg.seed))
         return self.tokenizer.decode(self.sample_prompt + ids)
 
     # ---- checkpoints and resume ---------------------------------------------------------
     def save_checkpoint(self, is_best: bool = False) -> None:
         """Save everything exact resume needs (a collective: every process calls it)."""
+        self._save(is_best, self.plain_model())
+
+    def _save(self, is_best: bool, plain: torch.nn.Module | None) -> None:
+        """Save a checkpoint whose weights are `plain`'s (see `plain_model`). Under FSDP every
+        process first writes its shard of the training state into a temporary directory, which
+        rank 0 moves into the checkpoint as it writes the gathered weights beside it."""
         rng = distributed.gather_objects(rng_state(), self.dist)
+        shards = None
+        if self.dist.sharded:
+            from ling.train import fsdp
+
+            shards = self.run.checkpoints / f".step-{self.step}.shards.tmp-{self.run_id}"
+            if self.dist.is_main:
+                shutil.rmtree(shards, ignore_errors=True)
+            distributed.barrier(self.dist)
+            fsdp.save_sharded(self.model, self.optimizer, shards)
+
+        def write(directory: Path) -> None:
+            self.save_weights(plain, self.tokenizer, directory)
+            if shards is not None:
+                os.rename(shards, directory / fsdp.SHARDS)
+
         if self.dist.is_main:
             state = {
-                "step": self.step, "tokens_seen": self.tokens_seen,
-                "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "tokens_seen": self.tokens_seen, "parallel": self.dist.parallel,
+                "optimizer": None if shards else self.optimizer.state_dict(),
                 "scheduler": {"step": self.step, **to_dict(self.schedule)},
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "sampler": self.batches.state_dict(),
@@ -365,7 +418,7 @@ class Trainer:
                 "bad_steps": self.bad_steps, "train_config": to_dict(self.cfg),
             }
             self.last_checkpoint = self.run.save(
-                self.step, lambda d: self.save_weights(self.model, self.tokenizer, d), state,
+                self.step, write, state,
                 keep_last=self.cfg.keep_last, is_best=is_best,
             )
         distributed.barrier(self.dist)
@@ -397,8 +450,7 @@ class Trainer:
             seed_everything(self.cfg.seed + self.dist.rank)
             return
         path, state = found
-        self.load_weights(self.model, path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_training_state(path, state)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["sampler"])
@@ -419,6 +471,26 @@ class Trainer:
         self.metrics.resume_at(self.step)
         if self.dist.is_main:
             print(f"resumed from {path} (step {self.step}, {self.tokens_seen:,} tokens seen)", file=sys.stderr)
+
+    def _load_training_state(self, path: Path, state: dict) -> None:
+        """The weights and optimizer state of a checkpoint, from whichever parallel mode saved it:
+        a sharded one (FSDP) on any number of processes, sharded or not; a whole one (one
+        process or DDP) into a model that is not sharded."""
+        saved_sharded = state.get("parallel") == "fsdp"
+        if self.dist.sharded and not saved_sharded:
+            raise LingError(f"{path} was saved without FSDP, which keeps the whole optimizer state in "
+                            f"{TRAIN_STATE}, not sharded: resume it with "
+                            "--train.parallel ddp (or one process), or start from its weights with "
+                            f"{self.init_hint(path)}")
+        if saved_sharded:
+            from ling.train import fsdp
+
+            if not self.dist.sharded:
+                self.load_weights(self.model, path)
+            fsdp.load_sharded(self.model, self.optimizer, path / fsdp.SHARDS, weights=self.dist.sharded)
+        else:
+            self.load_weights(self.model, path)
+            self.optimizer.load_state_dict(state["optimizer"])
 
     def _nothing_resumable(self) -> str:
         """The error when --resume auto finds checkpoint directories but none to continue:
