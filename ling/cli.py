@@ -225,7 +225,10 @@ def model_templates(cls, obj, files: list[str] = (), args: list[str] = ()):
     """`obj` with each `ModelConfig` field made a template (see `ling.config.unresolved`), so
     that YAML keys and flags such as `--model.n-embd` re-derive head_dim and friends. A
     preset named by `--FIELD.name PRESET` (flag, else YAML) replaces the field's default."""
-    from ling.config import ModelConfig, unresolved
+    from ling.config import PRESETS, ModelConfig, unresolved
+
+    def _complete(section: dict) -> bool:
+        return all(field.name in section for field in dataclasses.fields(ModelConfig))
 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -237,6 +240,8 @@ def model_templates(cls, obj, files: list[str] = (), args: list[str] = ()):
                 section = _yaml_mapping(file).get(f.name)
                 if isinstance(section, dict) and "name" in section:
                     name = section["name"]
+                    if _complete(section) and name not in PRESETS:
+                        name = "custom"  # a run's own config.yaml: every field is there, the name only says where it came from
         if name is not None:
             value = ModelConfig() if name == "custom" else ModelConfig.from_name(str(name))
         else:
