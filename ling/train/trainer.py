@@ -234,7 +234,7 @@ class Trainer:
                               f"{_clock(eta)} left", file=sys.stderr, flush=True)
                 time_up = cfg.time_limit > 0 and time.perf_counter() - t_start >= cfg.time_limit * 60
                 stop = distributed.any_rank(self._stop_signal is not None or time_up, self.dist, self.device)
-                if stop and self._stop_signal is not None:
+                if stop and self._stop_signal is not None and self.step < cfg.max_steps:
                     meter.lap()
                     self._save_on_signal(bar)
                 elif stop or self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
@@ -378,8 +378,10 @@ class Trainer:
             bar.write(f"step {self.step}: checkpoint saved; validation skipped (a pass takes over "
                       f"{QUICK_EVAL_S:g} s here; `ling eval` measures it)", file=sys.stderr)
             return
+        self.last_val_loss = val_loss
         self.metrics.write({"kind": "eval", "step": self.step, "val_loss": val_loss, "tokens": self.tokens_seen})
         bar.write(f"step {self.step}: checkpoint saved; val loss {val_loss:.4f}", file=sys.stderr)
+        self.metrics.plot()
 
     def _evaluate_and_save(self, bar) -> None:
         val_loss = self.evaluate()
