@@ -134,7 +134,6 @@ def print_summary(result: TrainResult, run_dir: Path) -> None:
         f"({result.tokens_per_s:,.0f} tokens/s{util})\n"
         f"val loss {val} (best {best})\n"
         f"checkpoints: {run_dir / 'latest'}, {run_dir / 'best'}\n"
-        f"report:      {run_dir / 'report.png'}  ·  metrics: {run_dir / 'metrics.jsonl'}  ·  "
-        f"summary: {run_dir / 'summary.json'}\n"
+        f"report:      {run_dir / 'report.png'}  ·  metrics: {run_dir / 'metrics.jsonl'}\n"
         f"{result.kernels.summary() if result.kernels else 'kernels: -'}"
     )
