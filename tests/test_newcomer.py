@@ -79,6 +79,7 @@ def test_a_pretraining_runs_config_yaml_continues_it(pretrained):
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 
+@pytest.mark.slow  # two quickstarts (the module's fixture)
 def test_the_quickstarts_train_on_command_continues_its_run(quickstarts):
     out, first, _, summary = quickstarts
     command = next(line for line in first.stdout.splitlines() if "# train on" in line).split("#")[0].split()
@@ -125,6 +126,7 @@ def test_the_shipped_recipe_and_the_quickstart_model_are_llama_shaped(capsys):
         assert export_family(cfg).architecture == "LlamaForCausalLM"
 
 
+@pytest.mark.slow  # two quickstarts (the module's fixture)
 def test_the_quickstarts_checkpoint_converts_to_hf(quickstarts, tmp_path):
     out = quickstarts[0]
     converted = ling("convert", "to-hf", out / "run" / "best", tmp_path / "hf")
@@ -204,6 +206,7 @@ def test_a_fraction_is_still_no_step_count(capsys, tmp_path):
 
 
 # ---- 9. re-running the quickstart keeps the earlier run -------------------------------------
+@pytest.mark.slow  # two quickstarts (the module's fixture)
 def test_a_second_quickstart_keeps_the_first_run(quickstarts):
     out, first, second, _ = quickstarts
     assert f"earlier runs in {out} are kept: this one goes to {out / 'run-2'}" in second.stdout
@@ -288,6 +291,7 @@ def test_a_time_limit_that_ends_the_run_is_in_the_summary(data, tmp_path):
     assert summary["time_limited"] and summary["steps"] < 1000
 
 
+@pytest.mark.slow  # two quickstarts (the module's fixture)
 def test_the_quickstart_says_when_its_budget_ended_training(quickstarts):
     _, first, _, summary = quickstarts
     message = f"stopped at step {summary['steps']} of {summary['max_steps']}: the 0.01-minute budget"
