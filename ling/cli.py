@@ -281,14 +281,17 @@ def _unknown_flags(cls, args: list[str], options: dict) -> str | None:
     flags = [arg.split("=", 1)[0] for arg in args if arg.startswith("--")]
     if not flags or "--help" in flags or "-h" in args:
         return None
-    with warnings.catch_warnings():  # tyro's parser is the one place that knows every flag
-        warnings.simplefilter("ignore", DeprecationWarning)
-        parser = tyro.extras.get_parser(cls, **{k: v for k, v in options.items() if k != "description"})
+    try:
+        with warnings.catch_warnings():  # tyro's parser is the one place that knows every flag
+            warnings.simplefilter("ignore", DeprecationWarning)
+            parser = tyro.extras.get_parser(cls, **{k: v for k, v in options.items() if k != "description"})
+    except Exception:  # noqa: BLE001 — a tyro without it: its own error box answers instead
+        return None
     valid = [flag for flag in parser._option_string_actions if flag.startswith("--")]
     for flag in flags:
         if flag not in valid and flag.replace("_", "-") not in valid:
-            hint = closest(flag, valid)
-            return (f"unknown flag '{flag}'" + (f"; did you mean '{hint}'?" if hint else "")
+            hint = closest(flag[2:], [v[2:] for v in valid])
+            return (f"unknown flag '{flag}'" + (f"; did you mean '--{hint}'?" if hint else "")
                     + f" (see '{options['prog']} --help')")
     return None
 
