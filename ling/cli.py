@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
+import json
 import sys
+import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
+import tyro._strings
 import yaml
 
-from ling.dataclass_io import closest, from_dict, to_dict
+import ling
+from ling.dataclass_io import closest, from_dict, integral, load_yaml, to_dict
 from ling.errors import LingError
 
 
@@ -67,6 +73,60 @@ def usage() -> str:
             lines.append(f"  {name:<18} {entry.help}")
     lines += ["", "Run 'ling COMMAND --help' for a command's flags."]
     return "\n".join(lines)
+
+
+# ---- how tyro reads flags -------------------------------------------------------------
+REGISTRY = tyro.constructors.ConstructorRegistry()
+
+
+@REGISTRY.primitive_rule
+def _integers(info: tyro.constructors.PrimitiveTypeInfo):
+    """An int flag takes every way of writing a whole number: 1000, 1_000, 1e3."""
+    if info.type is not int:
+        return None
+    return tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1, metavar="INT", instance_from_str=lambda args: integral(args[0]),
+        is_instance=lambda x: isinstance(x, int) and not isinstance(x, bool), str_from_instance=lambda x: [str(x)])
+
+
+@REGISTRY.primitive_rule
+def _optional_sections(info: tyro.constructors.PrimitiveTypeInfo):
+    """An optional nested dataclass (`model.rope_scaling`) is one flag taking a YAML mapping
+    or None, rather than a pair of subcommands in every usage line and error box."""
+    if typing.get_origin(info.type) not in (typing.Union, types.UnionType):
+        return None
+    args = [a for a in typing.get_args(info.type) if a is not type(None)]
+    if len(args) != 1 or len(typing.get_args(info.type)) != 2 or not dataclasses.is_dataclass(args[0]):
+        return None
+    cls = args[0]
+    keys = ", ".join(f.name for f in dataclasses.fields(cls))
+
+    def parse(values: list[str]):
+        text = values[0]
+        if text in ("None", "none", "null"):
+            return None
+        data = load_yaml(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected None or a mapping such as '{{{keys.split(', ')[0]}: ...}}', got {text!r}")
+        try:
+            return from_dict(cls, data)
+        except LingError as e:
+            raise ValueError(str(e)) from None
+
+    return tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1, metavar="{None}|YAML", instance_from_str=parse,
+        is_instance=lambda x: x is None or isinstance(x, cls),
+        str_from_instance=lambda x: ["None" if x is None else json.dumps(to_dict(x))])
+
+
+def _one_paragraph_help(text: str) -> str:
+    """tyro joins a docstring's lines before it removes their indentation, so every indented
+    continuation line starts a new line of help; removing it first (`inspect.cleandoc`) gives
+    paragraphs that the terminal's width wraps."""
+    return _join_lines(inspect.cleandoc(text))
+
+
+_join_lines = tyro._strings.remove_single_line_breaks
 
 
 def _resolve(argv: list[str]) -> tuple[str, Command, list[str]]:
@@ -147,7 +207,7 @@ def _yaml_mapping(file: str) -> dict:
     if path.is_dir():
         raise LingError(f"{file}: is a directory, not a YAML config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise LingError(f"{file}: not a YAML config file (not UTF-8 text)") from None
     except OSError as e:
@@ -165,7 +225,10 @@ def model_templates(cls, obj, files: list[str] = (), args: list[str] = ()):
     """`obj` with each `ModelConfig` field made a template (see `ling.config.unresolved`), so
     that YAML keys and flags such as `--model.n-embd` re-derive head_dim and friends. A
     preset named by `--FIELD.name PRESET` (flag, else YAML) replaces the field's default."""
-    from ling.config import ModelConfig, unresolved
+    from ling.config import PRESETS, ModelConfig, unresolved
+
+    def _complete(section: dict) -> bool:
+        return all(field.name in section for field in dataclasses.fields(ModelConfig))
 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -177,6 +240,8 @@ def model_templates(cls, obj, files: list[str] = (), args: list[str] = ()):
                 section = _yaml_mapping(file).get(f.name)
                 if isinstance(section, dict) and "name" in section:
                     name = section["name"]
+                    if _complete(section) and name not in PRESETS:
+                        name = "custom"  # a run's own config.yaml: every field is there, the name only says where it came from
         if name is not None:
             value = ModelConfig() if name == "custom" else ModelConfig.from_name(str(name))
         else:
@@ -198,14 +263,49 @@ def parse(name: str, cls, argv: list[str], description: str):
     configs, print_config, rest = _split_config_flags(argv)
     base = model_templates(cls, _required_placeholder(cls), configs, rest)
     default = model_templates(cls, load_yaml_config(cls, configs, base=base))
-    args = tyro.cli(cls, args=rest, default=default, prog=f"ling {name}", description=description)
+    options = dict(default=default, prog=f"ling {name}", description=description, registry=REGISTRY)
+    tyro._strings.remove_single_line_breaks = _one_paragraph_help
+    try:
+        unknown = _unknown_flags(cls, rest, options)
+        if unknown:
+            raise LingError(unknown)
+        args = tyro.cli(cls, args=rest, **options)
+    finally:
+        tyro._strings.remove_single_line_breaks = _join_lines
     return args, print_config
+
+
+def _unknown_flags(cls, args: list[str], options: dict) -> str | None:
+    """One line for the first flag the command does not have, with the closest one it has
+    (tyro's own box also lists the typo's value as an option)."""
+    flags = [arg.split("=", 1)[0] for arg in args if arg.startswith("--")]
+    if not flags or "--help" in flags or "-h" in args:
+        return None
+    try:
+        with warnings.catch_warnings():  # tyro's parser is the one place that knows every flag
+            warnings.simplefilter("ignore", DeprecationWarning)
+            parser = tyro.extras.get_parser(cls, **{k: v for k, v in options.items() if k != "description"})
+    except Exception:  # noqa: BLE001 — a tyro without it: its own error box answers instead
+        return None
+    valid = [flag for flag in parser._option_string_actions if flag.startswith("--")]
+    for flag in flags:
+        if flag not in valid and flag.replace("_", "-") not in valid:
+            hint = closest(flag[2:], [v[2:] for v in valid])
+            return (f"unknown flag '{flag}'" + (f"; did you mean '--{hint}'?" if hint else "")
+                    + f" (see '{options['prog']} --help')")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"ling {ling.__version__}")
         return 0
     try:
         name, command, rest = _resolve(argv)

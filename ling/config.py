@@ -13,7 +13,9 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
+
+import tyro
 
 from ling.dataclass_io import closest, from_dict, to_dict
 from ling.errors import LingError, read_json
@@ -45,7 +47,8 @@ class ModelConfig:
 
     name: str = "custom"
     """preset this config came from (informational)"""
-    vocab_size: int = 256
+    vocab_size: Annotated[int, tyro.conf.arg(help_behavior_hint="(default: from the dataset's tokenizer)")] = 256
+    """tokens in the vocabulary"""
     context_length: int = 256
     """maximum sequence length (positions) the model supports"""
     n_layer: int = 4
@@ -67,6 +70,8 @@ class ModelConfig:
     position: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = None
+    """Llama-3 RoPE frequency scaling: None, or a mapping such as '{factor: 8,
+    low_freq_factor: 1, high_freq_factor: 4, original_context_length: 8192}'"""
     bias: Literal["none", "qkv", "all"] = "none"
     """linear-layer biases: none (Llama), qkv only (Qwen2), everywhere (GPT-2)"""
     qk_norm: bool = False

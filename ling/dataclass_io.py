@@ -9,11 +9,50 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, Union
 
+import yaml
+
 from ling.errors import LingError
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: 1.1 wants a dot, so `3e-3` and `1e3`
+    would be strings (the resolver list below is PyYAML's, with the dot made optional)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "-+0123456789.":
+    _Yaml12Loader.yaml_implicit_resolvers[_first] = [
+        (tag, regexp) for tag, regexp in _Yaml12Loader.yaml_implicit_resolvers.get(_first, [])
+        if tag != "tag:yaml.org,2002:float"]
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as plain data, every number a user may write read as a number."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
+def integral(text: str) -> int:
+    """A whole number however it is written: 1000, 1_000, 1e3, 1000.0 (not 2.5)."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # ValueError for what is no number at all
+    if not value.is_integer():
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(value)
 
 
 def closest(name: str, choices: list[str]) -> str | None:
@@ -77,6 +116,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():  # max_steps: 1e3
+        return int(value)
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -9,7 +9,6 @@ first times a few training steps on this machine and sizes the run to the time b
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import statistics
 import tempfile
 import time
@@ -22,7 +21,7 @@ from ling.checkpoint import load_checkpoint
 from ling.config import ModelConfig
 from ling.data.dataset import open_dataset
 from ling.data.prepare import PrepareArgs, prepare
-from ling.data.sampler import PretrainSampler
+from ling.data.sampler import PretrainSampler, validation_batches
 from ling.device import pick_device, pick_precision
 from ling.errors import LingError
 from ling.infer.generate import generate_tokens
@@ -32,9 +31,10 @@ from ling.train.config import TrainConfig
 from ling.train.pretrain import PretrainArgs, run_pretraining
 from ling.train.trainer import Trainer
 
-# A small Llama-style model (as in configs/shakespeare-char-cpu.yaml), with a longer context.
-MODEL = ModelConfig(name="quickstart", context_length=128, n_layer=4, n_embd=192, n_head=6, position="rope",
-                    norm="layernorm", norm_bias=False, mlp="swiglu", mlp_hidden=512)
+# A small Llama-shaped model (as in configs/shakespeare-char-cpu.yaml), with a longer context:
+# `ling convert to-hf` exports it as a LlamaForCausalLM.
+MODEL = ModelConfig(name="custom", context_length=128, n_layer=4, n_embd=192, n_head=6, position="rope",
+                    norm="rmsnorm", mlp="swiglu", mlp_hidden=512)
 TRAIN = TrainConfig(batch_tokens=16 * 128, micro_batch=16, lr=3e-3, min_lr=3e-4, warmup_steps=100, beta2=0.95,
                     eval_batches=8, log_every=10, keep_last=1)
 
@@ -65,8 +65,10 @@ def quickstart(args: QuickstartArgs) -> int:
         raise LingError(f"--minutes must be positive, got {args.minutes}")
     started = time.perf_counter()
     out = Path(args.out)
-    data_dir, run_dir = out / "data", out / "run"
+    data_dir, run_dir = out / "data", new_run_dir(out)
     print(f"ling quickstart: the builtin corpus → a small model in about {args.minutes:g} minute(s) of training\n")
+    if run_dir != out / "run":
+        print(f"   earlier runs in {out} are kept: this one goes to {run_dir}\n")
 
     print("1. data")
     if (data_dir / "meta.json").exists():
@@ -81,15 +83,17 @@ def quickstart(args: QuickstartArgs) -> int:
     pretrain_args = PretrainArgs(data=str(data_dir), out=str(run_dir), model=model_cfg,
                                  train=dataclasses.replace(TRAIN, precision=precision), device=str(device),
                                  kernels=args.kernels)
-    step_s = seconds_per_step(pretrain_args, data.train, device, precision, budget_s=min(5.0, args.minutes * 2.4))
-    steps = max(20, int(args.minutes * 60 / step_s))
+    step_s, eval_s = seconds_per_step(pretrain_args, data.train, device, precision,
+                                      budget_s=min(5.0, args.minutes * 2.4))
+    steps = plan_steps(args.minutes * 60, step_s, eval_s)
     pretrain_args.train = dataclasses.replace(
-        pretrain_args.train, max_steps=steps, time_limit=args.minutes * 1.1,
-        warmup_steps=min(TRAIN.warmup_steps, steps // 10), eval_every=max(10, steps // 6),
+        pretrain_args.train, max_steps=steps, time_limit=args.minutes * TIME_MARGIN,
+        warmup_steps=min(TRAIN.warmup_steps, steps // 10), eval_every=max(10, steps // EVALS),
     )
     n_params = build_model(model_cfg, device="meta", init=False).num_params()
     print(f"\n2. model: {n_params / 1e6:.1f}M parameters ({model_cfg.n_layer} layers × {model_cfg.n_embd}), "
-          f"{precision} on {device}; {step_s * 1000:.0f} ms per step → {steps} steps")
+          f"{precision} on {device}; {step_s * 1000:.0f} ms per step and {eval_s:.1f} s per evaluation → "
+          f"{steps} steps in {args.minutes:g} minute(s)")
 
     prompt = data.tokenizer.encode(args.prompt, add_special_tokens=False)
     torch.manual_seed(pretrain_args.train.seed)  # the initial weights the run starts from
@@ -97,14 +101,13 @@ def quickstart(args: QuickstartArgs) -> int:
     print(f"\n   before training:\n{_indent(_sample(untrained, data.tokenizer, prompt, args.sample_tokens))}\n")
     del untrained
 
-    if run_dir.exists():
-        if not (run_dir / "config.yaml").exists():
-            raise LingError(f"{run_dir} exists and is not a quickstart run; choose another --out")
-        shutil.rmtree(run_dir)  # a previous quickstart's run
     print("3. training")
     result = run_pretraining(pretrain_args, show_summary=False)
     if result.interrupted:
         return 130
+    if result.time_limited:
+        print(f"\n   stopped at step {result.step} of {steps}: the {args.minutes:g}-minute budget "
+              f"(+{TIME_MARGIN - 1:.0%}) ran out; this machine ran slower than its first steps")
 
     model, tokenizer = load_checkpoint(run_dir / "best", device=device)
     print(f"\n   after training:\n{_indent(_sample(model, tokenizer, prompt, args.sample_tokens))}\n")
@@ -127,15 +130,40 @@ def quickstart(args: QuickstartArgs) -> int:
     return 0
 
 
-def seconds_per_step(args: PretrainArgs, tokens, device: torch.device, precision: str, budget_s: float) -> float:
+EVALS = 6
+"""evaluations (each with a checkpoint and report.png) over a quickstart run"""
+TIME_MARGIN = 1.1
+"""`train.time_limit` is the budget and this much more: a run sized to the budget ends on its
+schedule, one on a machine that slowed down is stopped (and says so)"""
+
+
+def new_run_dir(out: Path) -> Path:
+    """OUT/run, or OUT/run-2, run-3 … when earlier quickstarts are there: a run is never deleted."""
+    run_dir, n = out / "run", 1
+    while run_dir.exists() or run_dir.is_symlink():
+        n += 1
+        run_dir = out / f"run-{n}"
+    return run_dir
+
+
+def plan_steps(budget_s: float, step_s: float, eval_s: float) -> int:
+    """The steps that fit the budget together with the run's evaluations, so that the run ends
+    on its schedule (and the progress bar's first ETA is the budget)."""
+    return max(20, int((budget_s - EVALS * eval_s) / step_s))
+
+
+def seconds_per_step(args: PretrainArgs, tokens, device: torch.device, precision: str,
+                     budget_s: float) -> tuple[float, float]:
     """Median time of a training step of a throwaway copy of the model, over at least 3 steps
-    and `budget_s` seconds (after 2 warm-up steps)."""
+    and `budget_s` seconds (after 2 warm-up steps), and the time of one evaluation with its
+    checkpoint and report."""
     cfg = args.train
     model = build_model(args.model, device=device)
     sampler = PretrainSampler(tokens, args.model.context_length, cfg.micro_batch,
                               cfg.accumulation(args.model.context_length, 1))
+    val = validation_batches(tokens, args.model.context_length, cfg.micro_batch, cfg.eval_batches)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, cfg, sampler, [], tmp, device=device, precision=precision,
+        trainer = Trainer(model, cfg, sampler, val, tmp, device=device, precision=precision,
                           flops_per_token=args.model.flops_per_token(), kernels=args.kernels)
         for _ in range(2):
             trainer.train_step().loss.item()
@@ -144,7 +172,13 @@ def seconds_per_step(args: PretrainArgs, tokens, device: torch.device, precision
             t0 = time.perf_counter()
             trainer.train_step().loss.item()
             times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        t0 = time.perf_counter()
+        trainer.evaluate()
+        trainer.save_checkpoint()
+        trainer.metrics.plot()
+        eval_s = time.perf_counter() - t0
+        trainer.run.close()
+        return statistics.median(times), eval_s
 
 
 def _sample(model, tokenizer, prompt: list[int], n: int) -> str:

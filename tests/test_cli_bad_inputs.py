@@ -170,11 +170,9 @@ def test_a_context_length_of_1e12_says_what_it_would_allocate(capsys, tmp_path, 
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "context_length": value}))
     line = one_error_line(capsys, ["generate", ckpt, "--prompt", "hi"])
-    if isinstance(value, int):
-        assert line.endswith("is more than ling supports (16,777,216): its position tables alone would allocate "
-                             "64.0 TB")
-    else:
-        assert line == f"error: 'context_length' in {ckpt / 'config.json'} must be of type int, got 1000000000000.0"
+    # 1e12 is a whole number however it is written (issue 15): the same range check answers
+    assert line.endswith("is more than ling supports (16,777,216): its position tables alone would allocate "
+                         "64.0 TB")
 
 
 def test_two_prepare_runs_into_one_output(capsys, tmp_path, monkeypatch):

@@ -57,7 +57,8 @@ def test_full_sft_lowers_val_loss_and_saves_a_chat_model(base, tmp_path):
     assert [s["step"] for s in samples] == [10, 10, 20, 20, 30, 30]
     assert samples[0]["prompt"].startswith("Reverse the word.\n\n") and samples[0]["reference"]
     evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
-    assert len(evals) == 3 and all("sample_exact_match" in r for r in evals)
+    assert (evals[0]["step"], evals[0]["val_loss"]) == (0, summary["base_val_loss"])  # the curve starts before training
+    assert len(evals) == 4 and all("sample_exact_match" in r for r in evals[1:])
 
 
 def test_packed_and_unpacked_first_step_losses_are_equal(base, tmp_path):

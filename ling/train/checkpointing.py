@@ -142,8 +142,9 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     """Copy a checkpoint's weights into `model` in place (the optimizer keeps its references)."""
     bare = unwrap(model)
     saved = ModelConfig.load(checkpoint / "config.json")
-    if saved.to_dict() != bare.cfg.to_dict():
-        ours, theirs = bare.cfg.to_dict(), saved.to_dict()
+    ours, theirs = bare.cfg.to_dict(), saved.to_dict()
+    ours.pop("name"), theirs.pop("name")  # informational: the preset a shape started from
+    if ours != theirs:
         diff = ", ".join(f"{k}: {theirs[k]!r} → {ours[k]!r}" for k in ours if ours[k] != theirs.get(k))
         raise LingError(f"{checkpoint}: the model config differs from the checkpoint's ({diff}); "
                         "resume with the same --model settings or start a new --out")

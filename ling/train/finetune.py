@@ -343,7 +343,7 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True):
                   f"({trainable / total:.2%}) · {len(data.train):,} train / {len(data.val):,} val examples in "
                   f"{len(batches.rows):,} sequences{' (packed)' if args.pack else ''} · {precision} on {device}"
                   f" · val loss before training {base_val_loss:.4f}", file=sys.stderr)
-        result = trainer.fit(args.resume)
+        result = trainer.fit(args.resume, baseline_val_loss=base_val_loss)
         summary = {
             "method": args.method, "task": args.task, "trainable_params": trainable, "total_params": total,
             "train_examples": len(data.train), "val_examples": len(data.val), "sequences": len(batches.rows),

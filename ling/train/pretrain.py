@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +11,13 @@ from typing import Optional
 
 import torch
 
+from ling.atomic import atomic_file
 from ling.config import ModelConfig
 from ling.data.dataset import open_dataset
 from ling.data.sampler import PretrainSampler, validation_batches
 from ling.dataclass_io import to_dict
 from ling.device import pick_device, pick_precision
+from ling.errors import LingError
 from ling.kernels import check_mode
 from ling.model import build_model
 from ling.train import distributed
@@ -69,6 +72,8 @@ def run_pretraining(args: PretrainArgs, show_summary: bool = True) -> TrainResul
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
         model_cfg = dataclasses.replace(args.model, vocab_size=data.tokenizer.vocab_size)
+        if dist.is_main:
+            warn_if_not_exportable(model_cfg)
         resolved = dataclasses.replace(args, model=model_cfg, device=str(device),
                                        train=dataclasses.replace(args.train, precision=precision))
         seq_len = model_cfg.context_length
@@ -98,11 +103,27 @@ def run_pretraining(args: PretrainArgs, show_summary: bool = True) -> TrainResul
                   + (" · FSDP (sharded)" if dist.sharded else " · DDP" if dist.enabled else ""),
                   file=sys.stderr)
         result = trainer.fit(args.resume)
+        if dist.is_main:
+            with atomic_file(Path(args.out) / "summary.json") as f:
+                f.write(json.dumps({"model": model_cfg.name, "params": model.num_params(), **result.to_dict()},
+                                   indent=2) + "\n")
         if show_summary and dist.is_main and not result.interrupted:
             print_summary(result, Path(args.out))
         return result
     finally:
         distributed.shutdown(dist)
+
+
+def warn_if_not_exportable(cfg: ModelConfig) -> None:
+    """Say before training, not after, that a shape no Hugging Face family has cannot leave ling
+    through `ling convert to-hf` (nor get PEFT files from a LoRA run)."""
+    from ling.hf.checkpoint import export_family
+
+    try:
+        export_family(cfg)
+    except LingError as e:
+        print(f"note: `ling convert to-hf` and LoRA's PEFT files will not work on this model: {e} "
+              "(RMSNorm, SwiGLU and RoPE make it Llama-shaped)", file=sys.stderr)
 
 
 def print_summary(result: TrainResult, run_dir: Path) -> None:

@@ -2,14 +2,17 @@
 
 `metrics.jsonl` has one JSON object per line: `{"kind": "train", "step", "loss", "lr",
 "tokens", "tokens_per_s", "mfu", ...}` every log step and `{"kind": "eval", "step",
-"val_loss", ...}` every evaluation. On resume, lines after the checkpoint's step (written
-by the run that was interrupted) are dropped, so the file reads as one uninterrupted run.
+"val_loss", ...}` every evaluation; every record also carries `time` (when it was written,
+Unix seconds) and `elapsed` (seconds of training since the run began, resumed sessions
+added up). On resume, lines after the checkpoint's step (written by the run that was
+interrupted) are dropped, so the file reads as one uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from ling.atomic import atomic_file
@@ -23,6 +26,7 @@ class MetricsLog:
         self.report_path = Path(run_dir) / "report.png"
         self.enabled = enabled
         self.records: list[dict] = []
+        self._started, self._elapsed_before = time.perf_counter(), 0.0
         self._tb = _tensorboard_writer(Path(run_dir) / "tensorboard") if enabled else None
 
     def resume_at(self, step: int) -> None:
@@ -41,9 +45,18 @@ class MetricsLog:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         self.records = kept
 
+    def start(self, step: int = 0) -> None:
+        """Training begins (or resumes at `step`): `elapsed` counts from now, on top of the
+        time the kept records of earlier sessions reached."""
+        self._started = time.perf_counter()
+        self._elapsed_before = max((r.get("elapsed", 0.0) for r in self.records if r.get("step", 0) <= step),
+                                   default=0.0)
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        record = {**record, "time": round(time.time(), 3),
+                  "elapsed": round(self._elapsed_before + time.perf_counter() - self._started, 3)}
         self.records.append(record)
         # O_NOFOLLOW: a symlink planted at metrics.jsonl is an error, not a way to write elsewhere.
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
@@ -52,7 +65,7 @@ class MetricsLog:
         if self._tb is not None:
             prefix = record.get("kind", "train")
             for key, value in record.items():
-                if key not in ("kind", "step") and isinstance(value, (int, float)):
+                if key not in ("kind", "step", "time", "elapsed") and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
             self._tb.flush()
 

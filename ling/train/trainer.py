@@ -54,6 +54,16 @@ from ling.train.optim import LRSchedule, build_optimizer
 from ling.train.report import MetricsLog
 
 
+QUICK_EVAL_S = 5.0
+"""after Ctrl-C, the checkpoint is saved first; a validation pass follows only if it takes
+less than this (seconds)"""
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}:{secs:02d}"
+
+
 class BatchSource(Protocol):
     """Where training batches come from; its state is saved for exact resume."""
 
@@ -98,6 +108,18 @@ class TrainResult:
     interrupted: bool = False
     kernels: KernelReport | None = None
     """the kernels this run trained with (`ling.kernels`)"""
+    max_steps: int | None = None
+    """the steps the run was set to train for"""
+    time_limited: bool = False
+    """`train.time_limit` ended the run before max_steps"""
+
+    def to_dict(self) -> dict:
+        """summary.json: how the run ended, what it reached, where its checkpoint is."""
+        return {"steps": self.step, "max_steps": self.max_steps, "tokens_seen": self.tokens_seen,
+                "final_val_loss": self.final_val_loss, "best_val_loss": self.best_val_loss,
+                "seconds": self.seconds, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None, "interrupted": self.interrupted,
+                "time_limited": self.time_limited, "kernels": self.kernels.to_dict() if self.kernels else None}
 
 
 class Trainer:
@@ -178,18 +200,27 @@ class Trainer:
         return report
 
     # ---- the loop ---------------------------------------------------------------------
-    def fit(self, resume: str | None = None) -> TrainResult:
+    def fit(self, resume: str | None = None, baseline_val_loss: float | None = None) -> TrainResult:
+        """Train to `cfg.max_steps` (or the time limit, or a signal). `baseline_val_loss`, the
+        validation loss measured before training, is recorded at step 0 of a fresh run so that
+        the report's curve starts there."""
         cfg = self.cfg
         try:
             self._start(resume)
         except BaseException:
             self.run.close()
             raise
+        self.metrics.start(self.step)
         self.metrics.write({"kind": "kernels", "step": self.step, **self.kernels.to_dict()})
+        if baseline_val_loss is not None and self.step == 0:
+            self.metrics.write({"kind": "eval", "step": 0, "val_loss": baseline_val_loss, "tokens": 0})
         meter = Throughput()
+        # A progress bar on a terminal; redirected to a file, a line per log step instead of a frame per step.
+        lines = self.dist.is_main and not sys.stderr.isatty()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
-                   disable=not self.dist.is_main, dynamic_ncols=True)
+                   disable=not self.dist.is_main or lines, dynamic_ncols=True)
         t_start = time.perf_counter()
+        first_step = self.step
         peak_refreshed = False  # a cached CPU peak probed under load reads low: re-probed once
         handlers = self._catch_signals()
         try:
@@ -210,12 +241,21 @@ class Trainer:
                                         "grad_norm": result.grad_norm, "tokens": self.tokens_seen,
                                         "tokens_per_s": rate, "mfu": util}
                                        | ({"max_memory_allocated": memory} if memory is not None else {}))
-                    bar.set_postfix_str(f"loss {loss:.4f} · lr {result.lr:.2e} · {rate:,.0f} tok/s"
-                                        + (f" · MFU {util:.1%}" if util is not None else "")
-                                        + (f" · mem {memory / 2**30:.1f} GiB" if memory is not None else ""))
+                    status = (f"loss {loss:.4f} · lr {result.lr:.2e} · {rate:,.0f} tok/s"
+                              + (f" · MFU {util:.1%}" if util is not None else "")
+                              + (f" · mem {memory / 2**30:.1f} GiB" if memory is not None else ""))
+                    bar.set_postfix_str(status)
+                    if lines:
+                        elapsed = time.perf_counter() - t_start
+                        eta = elapsed / (self.step - first_step) * (cfg.max_steps - self.step)
+                        print(f"step {self.step}/{cfg.max_steps} · {status} · {_clock(elapsed)} elapsed, "
+                              f"{_clock(eta)} left", file=sys.stderr, flush=True)
                 time_up = cfg.time_limit > 0 and time.perf_counter() - t_start >= cfg.time_limit * 60
                 stop = distributed.any_rank(self._stop_signal is not None or time_up, self.dist, self.device)
-                if stop or self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                if stop and self._stop_signal is not None and self.step < cfg.max_steps:
+                    meter.lap()
+                    self._save_on_signal(bar)
+                elif stop or self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     meter.lap()
                     self._evaluate_and_save(bar)
                     meter.start()
@@ -230,6 +270,7 @@ class Trainer:
         # still wrote the last checkpoint and report could abort at exit.
         distributed.barrier(self.dist)
         interrupted = self._stop_signal is not None and self.step < cfg.max_steps
+        time_limited = not interrupted and self.step < cfg.max_steps
         if interrupted and self.dist.is_main:
             print(f"\ninterrupted ({self._stop_signal}) at step {self.step}: checkpoint saved to "
                   f"{self.last_checkpoint}\nresume with: {self.resume_hint}", file=sys.stderr)
@@ -238,7 +279,7 @@ class Trainer:
             best_val_loss=self.best_val_loss, tokens_per_s=meter.average,
             mfu=mfu(meter.average, self.flops_per_token, self.peak, self.dist.world_size),
             seconds=time.perf_counter() - t_start, checkpoint=self.last_checkpoint, interrupted=interrupted,
-            kernels=self.kernels,
+            kernels=self.kernels, max_steps=cfg.max_steps, time_limited=time_limited,
         )
 
     def train_step(self) -> "StepResult":
@@ -320,21 +361,51 @@ class Trainer:
                 torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.grad_clip, norm)
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean loss over the fixed validation batches (all processes together); None without any."""
+    def evaluate(self, budget_s: float | None = None) -> float | None:
+        """Mean loss over the fixed validation batches (all processes together); None without
+        any. With `budget_s` (one process only): a progress bar, and None at once if the first
+        batch says the whole pass would take longer."""
         self.eval_model.eval()
         totals = torch.zeros(2, device=self.device)
-        for batch in self.val_batches:
-            with autocast_context(self.device.type, self.precision):
-                totals[0] += self.loss_fn(self.eval_model, batch.to(self.device)).float()
-            totals[1] += batch.num_targets
-        if self.dist.sharded:  # every process takes part in every forward pass: as many as the busiest
-            for _ in range(self._val_rounds - len(self.val_batches)):
+        batches = self.val_batches
+        if budget_s is not None:
+            batches = tqdm(batches, desc="validation", unit="batch", leave=False, disable=not sys.stderr.isatty())
+        try:
+            for i, batch in enumerate(batches):
+                t0 = time.perf_counter()
                 with autocast_context(self.device.type, self.precision):
-                    self.eval_model(torch.zeros(1, 1, dtype=torch.long, device=self.device))
-        self.eval_model.train()
+                    totals[0] += self.loss_fn(self.eval_model, batch.to(self.device)).float()
+                totals[1] += batch.num_targets
+                if budget_s is not None and i == 0:
+                    totals[0].item()  # waits for the device, so that the time is right
+                    if (time.perf_counter() - t0) * len(self.val_batches) > budget_s:
+                        return None
+            if self.dist.sharded:  # every process takes part in every forward pass: as many as the busiest
+                for _ in range(self._val_rounds - len(self.val_batches)):
+                    with autocast_context(self.device.type, self.precision):
+                        self.eval_model(torch.zeros(1, 1, dtype=torch.long, device=self.device))
+        finally:
+            if budget_s is not None:
+                batches.close()
+            self.eval_model.train()
         totals = distributed.all_reduce_sum(totals, self.dist)
         return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
+    def _save_on_signal(self, bar) -> None:
+        """Ctrl-C / SIGTERM: save at once (the weights as they are, the best kept as it was), then
+        a validation loss only if a pass is quick (a few seconds), with a progress bar."""
+        self.save_checkpoint(is_best=False)
+        if self.dist.enabled or not self.dist.is_main or not self.val_batches:
+            return
+        val_loss = self.evaluate(budget_s=QUICK_EVAL_S)
+        if val_loss is None:
+            bar.write(f"step {self.step}: checkpoint saved; validation skipped (a pass takes over "
+                      f"{QUICK_EVAL_S:g} s here; `ling eval` measures it)", file=sys.stderr)
+            return
+        self.last_val_loss = val_loss
+        self.metrics.write({"kind": "eval", "step": self.step, "val_loss": val_loss, "tokens": self.tokens_seen})
+        bar.write(f"step {self.step}: checkpoint saved; val loss {val_loss:.4f}", file=sys.stderr)
+        self.metrics.plot()
 
     def _evaluate_and_save(self, bar) -> None:
         val_loss = self.evaluate()
