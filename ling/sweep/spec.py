@@ -16,7 +16,9 @@ import importlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
+
+import tyro
 
 from ling.config_files import config_from_mapping, yaml_mapping
 from ling.dataclass_io import closest, unknown_key_message
@@ -40,11 +42,11 @@ class SweepArgs:
     """the command each trial runs"""
     out: str = "runs/sweep"
     """sweep directory: trials/NNNN/ (one run directory per trial), study.db, best.yaml, trials.csv, *.png"""
-    base: Any = None
+    base: Annotated[Any, tyro.conf.arg(metavar="PATH", constructor=str)] = None
     """the command's config the trials start from: a YAML path, or the config inline as a mapping"""
-    space: dict = field(default_factory=dict)
-    """KEY: {float: [LOW, HIGH]} | {int: [LOW, HIGH]} | {choice: [A, B, ...]}, optionally with log: true
-    (float, int) or step: N; KEY is one of the command's config keys, e.g. train.lr"""
+    space: Annotated[dict, tyro.conf.Suppress] = field(default_factory=dict)
+    """(YAML only) KEY: {float: [LOW, HIGH]} | {int: [LOW, HIGH]} | {choice: [A, B, ...]}, optionally with
+    log: true (float, int) or step: N; KEY is one of the command's config keys, e.g. train.lr"""
     trials: int = 20
     """trials the study holds when done (complete, pruned or failed; a rerun runs only the missing ones)"""
     metric: str = "val_loss"
@@ -263,7 +265,11 @@ def check(args: SweepArgs) -> Plan:
     first = plan.trial_args({}, probe)
     for d in dims:
         for value in d.extremes():
-            plan.trial_args({d.key: value}, probe)
+            try:
+                plan.trial_args({d.key: value}, probe)
+            except LingError as e:
+                raise LingError(f"space.{d.key}: the value {value!r} makes an invalid ling {args.command} config: "
+                                f"{str(e).split(' (with ')[0]}") from None
     metrics = reported_metrics(args.command, first)
     if args.metric not in metrics:
         hint = closest(args.metric, metrics) or next((m for m in metrics if args.metric in m), None)
