@@ -159,3 +159,16 @@ def test_without_optuna_it_prints_the_install_command(data, tmp_path):
                             capture_output=True, text=True, env=one_thread_env(), timeout=120)
     assert result.returncode == 1 and "pip install -e '.[sweep]'" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_base_as_files_and_mappings_applied_in_order(data, tmp_path):
+    from ling.sweep.spec import SweepArgs, check
+
+    recipe = ROOT / "configs" / "shakespeare-char-cpu.yaml"
+    plan = check(SweepArgs(out=str(tmp_path / "out"), base=[str(recipe), {"data": str(data), "train": {"lr": 0.01}}],
+                           space={"model.n-embd": {"choice": [64, 96]}}))
+    args = plan.trial_args({"model.n_embd": 96}, tmp_path / "run")
+    assert (args.data, args.out, args.train.lr, args.train.max_steps) == (str(data), str(tmp_path / "run"), 0.01, 2000)
+    # the recipe's n_head (4) stays, head_dim is derived again from the new width
+    assert (args.model.n_embd, args.model.n_head, args.model.head_dim, args.model.mlp_hidden) == (96, 4, 24, 352)
+    assert not (tmp_path / "out").exists()

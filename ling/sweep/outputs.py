@@ -103,7 +103,7 @@ def write_plots(plan: Plan, study) -> tuple[list[Path], list[str]]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ax = getattr(ovm, fn)(study)
+                ax = getattr(ovm, fn)(study, target_name=plan.args.metric)
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
             fig.set_size_inches(9, 5.5)
             fig.tight_layout()

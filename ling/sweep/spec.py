@@ -43,7 +43,8 @@ class SweepArgs:
     out: str = "runs/sweep"
     """sweep directory: trials/NNNN/ (one run directory per trial), study.db, best.yaml, trials.csv, *.png"""
     base: Annotated[Any, tyro.conf.arg(metavar="PATH", constructor=str)] = None
-    """the command's config the trials start from: a YAML path, or the config inline as a mapping"""
+    """the command's config the trials start from: a YAML path, the config inline as a mapping, or a list
+    of them applied in order (e.g. [configs/recipe.yaml, {data: DIR}])"""
     space: Annotated[dict, tyro.conf.Suppress] = field(default_factory=dict)
     """(YAML only) KEY: {float: [LOW, HIGH]} | {int: [LOW, HIGH]} | {choice: [A, B, ...]}, optionally with
     log: true (float, int) or step: N; KEY is one of the command's config keys, e.g. train.lr"""
@@ -191,15 +192,32 @@ def parse_space(space: dict, cls) -> list[Dimension]:
     return dims
 
 
+def _merge(into: dict, over: dict) -> dict:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+    return into
+
+
 def base_mapping(base: Any) -> tuple[dict, str]:
-    """The base config as a mapping, and where it came from (for error messages)."""
+    """The base config as one mapping, and where it came from (for error messages). A list of
+    paths and mappings is applied in order, as repeated `--config` files are."""
     if base is None:
         raise LingError("base is missing: give the command's config, a YAML path or an inline mapping")
-    if isinstance(base, (str, Path)):
-        return yaml_mapping(str(base)), str(base)
-    if isinstance(base, dict):
-        return copy.deepcopy(base), "base"
-    raise LingError(f"base must be a YAML path or a mapping, got {base!r}")
+    parts = base if isinstance(base, list) else [base]
+    merged, where = {}, []
+    for part in parts:
+        if isinstance(part, (str, Path)):
+            _merge(merged, yaml_mapping(str(part)))
+            where.append(str(part))
+        elif isinstance(part, dict):
+            _merge(merged, part)
+            where.append("base")
+        else:
+            raise LingError(f"base must be a YAML path, a mapping or a list of them, got {part!r}")
+    return merged, " + ".join(dict.fromkeys(where))
 
 
 def with_values(mapping: dict, values: dict[str, Any], out: str) -> dict:
@@ -262,7 +280,12 @@ def check(args: SweepArgs) -> Plan:
                 storage=args.storage or f"sqlite:///{(out / 'study.db').resolve()}",
                 study_name=args.study or out.resolve().name)
     probe = out / "trials" / "check"
-    first = plan.trial_args({}, probe)
+    try:
+        first = plan.trial_args({}, probe)
+    except LingError as e:
+        if "no value for the required" not in str(e):
+            raise
+        raise LingError(f"{e}: give them in base, e.g. base: [{where.split(' + ')[0]}, {{data: DIR}}]") from None
     for d in dims:
         for value in d.extremes():
             try:
