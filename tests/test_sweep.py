@@ -172,3 +172,29 @@ def test_base_as_files_and_mappings_applied_in_order(data, tmp_path):
     # the recipe's n_head (4) stays, head_dim is derived again from the new width
     assert (args.model.n_embd, args.model.n_head, args.model.head_dim, args.model.mlp_hidden) == (96, 4, 24, 352)
     assert not (tmp_path / "out").exists()
+
+
+def test_finetune_metrics_are_named_and_every_sampler_and_pruner_builds(data, tmp_path):
+    from ling.errors import LingError
+    from ling.sweep.spec import SweepArgs, check
+    from ling.sweep.study import make_pruner, make_sampler
+
+    base = {"base": "models/any", "data": "train.jsonl"}
+    with pytest.raises(LingError, match=r"metric 'exact_match' is never reported by ling finetune --task sft "
+                                        r"\(its evaluation reports: val_loss, sample_exact_match\); did you mean "
+                                        r"'sample_exact_match'\?"):
+        check(SweepArgs(command="finetune", out=str(tmp_path / "o"), base=base, metric="exact_match",
+                        space={"lora.rank": {"choice": [4, 8]}}))
+    plan = check(SweepArgs(command="finetune", out=str(tmp_path / "o"), base={**base, "task": "classification"},
+                           metric="val_accuracy", direction="maximize", sampler="grid",
+                           space={"lora.rank": {"choice": [4, 8]}, "train.warmup_steps": {"int": [0, 2]}}))
+    assert [d.grid() for d in plan.dims] == [[4, 8], [0, 1, 2]]
+    train = plan.trial_args({}, tmp_path / "run").train
+    for sampler in ("tpe", "random", "grid"):
+        for pruner in ("median", "hyperband", "none"):
+            plan.args.sampler, plan.args.pruner = sampler, pruner
+            assert make_sampler(plan) is not None and make_pruner(plan, train) is not None
+    with pytest.raises(LingError, match=r"space.train.lr: the grid sampler needs listed values"):
+        check(SweepArgs(out=str(tmp_path / "o"), base={"data": str(data)}, sampler="grid",
+                        space={"train.lr": {"float": [1e-4, 1e-2]}}))
+    assert not (tmp_path / "o").exists()
