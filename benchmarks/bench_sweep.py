@@ -77,8 +77,14 @@ def main():
         log = open(work / f"sweep-{pruner}.log", "w")
         procs[pruner] = (subprocess.Popen(ling + ["sweep", "--config", str(work / f"sweep-{pruner}.yaml")], env=env,
                                           stdout=log, stderr=subprocess.DEVNULL), time.perf_counter())
+    ended = {}
+    while len(ended) < len(procs):  # each sweep's own wall time, whichever ends first
+        for pruner, (proc, start) in procs.items():
+            if pruner not in ended and proc.poll() is not None:
+                ended[pruner] = time.perf_counter() - start
+        time.sleep(0.5)
     for pruner, (proc, start) in procs.items():
-        if proc.wait() != 0:
+        if proc.returncode != 0:
             sys.exit(f"the {pruner} sweep failed: see {work / f'sweep-{pruner}.log'}")
         with open(work / f"sweep-{pruner}" / "trials.csv", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -86,14 +92,14 @@ def main():
         states = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail")}
         results.append((f"TPE, {len(rows)} trials, pruner {pruner} ({states['complete']} complete, "
                         f"{states['pruned']} pruned, {states['fail']} failed)", min(done),
-                        sum(int(r["steps"]) for r in rows), time.perf_counter() - start))
+                        sum(int(r["steps"]) for r in rows), ended[pruner]))
     print(f"work: {work} · load average {load:.1f} at the start\n")
     print("| run | best val loss | training steps | wall time |\n|---|---:|---:|---:|")
     for name, val, steps, seconds in results:
         print(f"| {name} | {val:.4f} | {steps:,} | {seconds:.0f} s |")
     (_, default, _, _), (_, full, full_steps, _), (_, pruned, pruned_steps, _) = results
     print(f"\nsweep vs defaults: {full:.4f} vs {default:.4f} ({(full - default) / default:+.2%}); "
-          f"median pruner: {pruned_steps / full_steps:.0%} of the steps, best val {pruned:.4f} "
+          f"median pruner: {pruned_steps / full_steps:.1%} of the steps, best val {pruned:.4f} "
           f"({(pruned - full) / full:+.2%} vs no pruner)")
 
 
