@@ -113,7 +113,6 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(data, tmp_p
     assert yaml.safe_load((out / "best.yaml").read_text())["train"]["lr"] == 0.02
 
 
-@pytest.mark.slow  # two worker processes start and import torch
 def test_two_workers_share_the_study(data, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "out"
