@@ -18,13 +18,13 @@ import types
 import typing
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import tyro
 import tyro._strings
 import yaml
 
 import ling
+from ling.config_files import load_yaml_config, model_templates, required_placeholder
 from ling.dataclass_io import closest, from_dict, integral, load_yaml, to_dict
 from ling.errors import LingError
 
@@ -60,6 +60,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "from-gguf": Command("ling.gguf.convert:FromGGUFArgs:from_gguf", "GGUF file → ling checkpoint"),
     },
     "serve": Command("ling.serve.server:ServeArgs:serve", "serve a checkpoint: OpenAI-compatible API + chat page"),
+    "sweep": Command("ling.sweep.command:SweepArgs:sweep", "search a training command's hyper-parameters with Optuna"),
 }
 
 
@@ -168,100 +169,10 @@ def _split_config_flags(args: list[str]) -> tuple[list[str], bool, list[str]]:
     return configs, print_config, rest
 
 
-def _required_placeholder(cls):
-    """An instance of `cls` whose required fields are tyro.MISSING (so YAML can fill them)."""
-    values = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        if f.default is not dataclasses.MISSING:
-            values[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            values[f.name] = f.default_factory()
-        elif dataclasses.is_dataclass(hints[f.name]):
-            values[f.name] = _required_placeholder(hints[f.name])
-        else:
-            values[f.name] = tyro.MISSING
-    obj = object.__new__(cls)  # skip __post_init__: placeholders are not yet valid values
-    for k, v in values.items():
-        object.__setattr__(obj, k, v)
-    return obj
-
-
-def _named_value(flag: str, args: list[str]) -> str | None:
-    """The value given to `--flag VALUE` / `--flag=VALUE` in argv (the last one wins)."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-def _yaml_mapping(file: str) -> dict:
-    path = Path(file)
-    if not path.exists():
-        raise LingError(f"{file}: config file not found")
-    if path.is_dir():
-        raise LingError(f"{file}: is a directory, not a YAML config file")
-    try:
-        data = load_yaml(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise LingError(f"{file}: not a YAML config file (not UTF-8 text)") from None
-    except OSError as e:
-        raise LingError(f"{file}: cannot read the config file ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise LingError(f"{file}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise LingError(f"{file}: expected a mapping of config keys at the top level")
-    return data
-
-
-def model_templates(cls, obj, files: list[str] = (), args: list[str] = ()):
-    """`obj` with each `ModelConfig` field made a template (see `ling.config.unresolved`), so
-    that YAML keys and flags such as `--model.n-embd` re-derive head_dim and friends. A
-    preset named by `--FIELD.name PRESET` (flag, else YAML) replaces the field's default."""
-    from ling.config import PRESETS, ModelConfig, unresolved
-
-    def _complete(section: dict) -> bool:
-        return all(field.name in section for field in dataclasses.fields(ModelConfig))
-
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if hints[f.name] is not ModelConfig:
-            continue
-        name = _named_value(f"--{f.name}.name", list(args))
-        if name is None:
-            for file in files:
-                section = _yaml_mapping(file).get(f.name)
-                if isinstance(section, dict) and "name" in section:
-                    name = section["name"]
-                    if _complete(section) and name not in PRESETS:
-                        name = "custom"  # a run's own config.yaml: every field is there, the name only says where it came from
-        if name is not None:
-            value = ModelConfig() if name == "custom" else ModelConfig.from_name(str(name))
-        else:
-            value = getattr(obj, f.name)
-        object.__setattr__(obj, f.name, unresolved(value))
-    return obj
-
-
-def load_yaml_config(cls, files: list[str], base=None):
-    """Apply YAML files, in order, on top of `base` (or the class defaults)."""
-    config = base if base is not None else _required_placeholder(cls)
-    for file in files:
-        config = from_dict(cls, _yaml_mapping(file), where=file, partial_base=config)
-    return config
-
-
 def parse(name: str, cls, argv: list[str], description: str):
     """Parse argv for one command: YAML files first, then flags on top."""
     configs, print_config, rest = _split_config_flags(argv)
-    base = model_templates(cls, _required_placeholder(cls), configs, rest)
+    base = model_templates(cls, required_placeholder(cls), configs, rest)
     default = model_templates(cls, load_yaml_config(cls, configs, base=base))
     options = dict(default=default, prog=f"ling {name}", description=description, registry=REGISTRY)
     tyro._strings.remove_single_line_breaks = _one_paragraph_help

@@ -284,8 +284,9 @@ def finetune(args: FinetuneArgs) -> int:
     return 130 if result.interrupted else 0
 
 
-def run_finetune(args: FinetuneArgs, show_summary: bool = True):
-    """The whole command; returns (TrainResult, summary dict) for callers such as benchmarks."""
+def run_finetune(args: FinetuneArgs, show_summary: bool = True, after_eval=None):
+    """The whole command; returns (TrainResult, summary dict) for callers such as benchmarks.
+    `after_eval` goes to the trainer (`Trainer.after_eval`: e.g. `ling sweep`'s pruning)."""
     if args.max_seq_len < 2:
         raise LingError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
@@ -333,6 +334,7 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True):
             device=device, precision=precision, tokenizer=tokenizer, dist=dist,
             flops_per_token=model.cfg.flops_per_token(seq_len),
             save_weights=saver.save, load_weights=saver.load, config=to_dict(resolved), on_eval=on_eval,
+            after_eval=after_eval,
             resume_hint=f"ling finetune --config {Path(args.out) / 'config.yaml'} --resume auto", kernels=args.kernels,
         )
         trainable = sum(p.numel() for p in trainer.params)

@@ -60,8 +60,9 @@ def pretrain(args: PretrainArgs) -> int:
     return 130 if result.interrupted else 0
 
 
-def run_pretraining(args: PretrainArgs, show_summary: bool = True) -> TrainResult:
-    """The whole command; returns the result for callers such as `ling quickstart`."""
+def run_pretraining(args: PretrainArgs, show_summary: bool = True, after_eval=None) -> TrainResult:
+    """The whole command; returns the result for callers such as `ling quickstart`. `after_eval`
+    goes to the trainer (`Trainer.after_eval`: e.g. `ling sweep`'s pruning)."""
     device = pick_device(args.device)
     dist = distributed.init_distributed(device.type, args.train.parallel)
     try:
@@ -94,7 +95,7 @@ def run_pretraining(args: PretrainArgs, show_summary: bool = True) -> TrainResul
             resume_hint=f"ling pretrain --config {Path(args.out) / 'config.yaml'} --resume auto", kernels=args.kernels,
             init_hint=lambda path: f"ling pretrain --config {Path(args.out) / 'config.yaml'} --init-from {path} "
                                    "--out NEW_DIR",
-            sample_prompt=[int(t) for t in data.val[: min(16, seq_len // 2)]],
+            sample_prompt=[int(t) for t in data.val[: min(16, seq_len // 2)]], after_eval=after_eval,
         )
         if dist.is_main:
             print(f"model: {model_cfg.name}, {model.num_params() / 1e6:.2f}M parameters · {precision} on {device}"

@@ -131,7 +131,7 @@ class Trainer:
                  config: dict | None = None, resume_hint: str = "--resume auto",
                  init_hint: Callable[[Path], str] = lambda path: f"--init-from {path}",
                  sample_prompt: list[int] | None = None, on_eval: Callable[[int], dict] | None = None,
-                 kernels: str = "auto"):
+                 after_eval: Callable[[dict], None] | None = None, kernels: str = "auto"):
         self.cfg, self.batches, self.val_batches = cfg, batches, val_batches
         self.device, self.precision, self.tokenizer, self.dist = device, precision, tokenizer, dist
         self.flops_per_token = flops_per_token
@@ -144,6 +144,9 @@ class Trainer:
         """called on the main process after each evaluation with the step and the whole model (a
         gathered copy under FSDP); the metrics it returns join that evaluation's metrics.jsonl
         line (e.g. a fine-tuning run's accuracy)"""
+        self.after_eval = after_eval
+        """called on the main process with each evaluation's metrics.jsonl record once its checkpoint is
+        saved; an exception it raises ends the run there (how `ling sweep` prunes a trial)"""
         if device.type == "cpu":
             reuse_freed_memory()
         self.run = RunDir(run_dir)
@@ -433,6 +436,8 @@ class Trainer:
                 bar.write(f"sample: {record['sample']!r}")
         self._save(is_best, plain)
         self.metrics.plot()
+        if self.after_eval is not None and self.dist.is_main:
+            self.after_eval(record)
 
     def plain_model(self) -> torch.nn.Module | None:
         """The whole model, as save hooks, sampling and evaluation hooks take it: the model itself,
