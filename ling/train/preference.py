@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -158,8 +158,9 @@ class PreferenceLoss:
     rewards go to `metrics` (kept apart for training and evaluation)."""
 
     def __init__(self, cfg: DPOConfig, reference: Literal["adapters", "table", "none"], base=None):
-        self.cfg, self.reference, self.base = cfg, reference, base
-        """`base`: the bare model whose adapters are switched off for the LoRA reference"""
+        self.cfg, self.reference = cfg, reference
+        self.base = base
+        """the bare model whose adapters are switched off for the LoRA reference"""
         self.table: torch.Tensor | None = None
         """(pairs, 2) reference log-probs, for reference == 'table' (`reference_logps`)"""
         self.metrics = LossMetrics(REWARDS)
@@ -206,7 +207,7 @@ def reference_logps(model, batches: list[PreferenceBatch], n_pairs: int, run_dir
             with safe_open(str(path), "pt") as f:
                 if (f.metadata() or {}).get("key") == key:
                     return f.get_tensor("logps").to(device)
-        except Exception:  # a torn file is recomputed  # noqa: BLE001
+        except (OSError, SafetensorError):  # an unreadable file is recomputed
             pass
     table = torch.zeros(n_pairs, 2)
     was_training = model.training
