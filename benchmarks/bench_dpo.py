@@ -134,7 +134,9 @@ def accuracy_part(work: Path, args) -> dict:
         "--train.eval-every", str(args.sft_steps // 2), "--train.eval-batches", "4"])}
     sft_model = work / "sft" / "latest"
     results["sft"]["judged"] = judge(sft_model, held_out, args.n_answers)
-    for method, lr, extra in (("full", args.full_lr, []), ("lora", args.lora_lr, ["--lora.rank", "8", "--lora.alpha", "16"])):
+    settings = {"full": (args.full_lr, []), "lora": (args.lora_lr, ["--lora.rank", "8", "--lora.alpha", "16"])}
+    for method in args.methods.split(","):
+        lr, extra = settings[method]
         run_dir = work / f"dpo-{method}"
         r = finetune(run_dir, [
             "--task", "dpo", "--base", str(sft_model), "--data", str(dpo_data), "--val-data", str(held_out),
@@ -181,6 +183,8 @@ def markdown(results: dict, machine: dict) -> str:
         lines += ["| model | held-out reward accuracy | greedy answers in the chosen style (other style) | s / step | "
                   "trainable parameters | minutes |", "|---|---|---|---|---|---|"]
         for name, label in (("sft", "SFT (mixed styles), the start"), ("dpo-full", "DPO, full"), ("dpo-lora", "DPO, LoRA r 8")):
+            if name not in a:
+                continue
             r = a[name]
             accuracy = (r["summary"]["val_rewards"]["rewards/accuracies"] if name != "sft" else r["judged"]["prefers_chosen"])
             lines.append(f"| {label} | {accuracy:.1%} | {r['judged']['chosen_style']:.1%} "
@@ -212,9 +216,20 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=3e-3)
     parser.add_argument("--mem-steps", type=int, default=3)
     parser.add_argument("--mem-pairs", type=int, default=2, help="pairs per step in the memory part (2 × sequences)")
+    parser.add_argument("--methods", default="full,lora", help="the DPO runs of the accuracy part")
+    parser.add_argument("--results", default=None, help="JSON results file (default: WORKDIR/results.json)")
+    parser.add_argument("--merge", nargs="+", help="print the Markdown of these results files together, and exit")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--only-memory", action="store_true")
     args = parser.parse_args()
+    if args.merge:  # parts run apart (e.g. in parallel): one table
+        parts = [json.loads(Path(path).read_text()) for path in args.merge]
+        merged = {"machine": parts[0]["machine"], "accuracy": {}}
+        for part in parts:
+            merged["accuracy"].update(part.get("accuracy", {}))
+            merged.update({"memory": part["memory"]} if "memory" in part else {})
+        merged = {k: v for k, v in merged.items() if v}
+        return print(markdown(merged, merged["machine"]))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -224,7 +239,7 @@ def main() -> None:
         results["accuracy"] = accuracy_part(work, args)
     if not args.skip_memory:
         results["memory"] = memory_part(work, args)
-    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.results or work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print("\n" + markdown(results, machine))
 
 

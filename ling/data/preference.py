@@ -30,6 +30,7 @@ from ling.errors import LingError
 from ling.tokenizer import Tokenizer
 
 PREFERENCE_FORMATS = ("text", "messages")
+FIX_HINT = "(fix it, or pass --skip-bad-records to skip such records)"
 
 
 @dataclass
@@ -154,7 +155,7 @@ def read_pairs(path: str | Path, data_format: str = "auto", skip_bad_records: bo
         except BadRecord as e:
             if not skip_bad_records:
                 hint = "" if fmt is None else f" [preference {fmt} format]"
-                raise LingError(f"{where}: {e}{hint} (fix it, or pass --skip-bad-records to skip such records)") from None
+                raise LingError(f"{where}: {e}{hint} {FIX_HINT}") from None
             skipped.append(f"{where}: {e}")
     if not pairs:
         reason = f"; {len(skipped)} bad record(s) skipped, first: {skipped[0]}" if skipped else ""
@@ -177,7 +178,8 @@ def _chat_sequence(tokenizer: Tokenizer, prompt: list[dict], completion: list[di
     return _token_flags(tokenizer, text, spans[already:])
 
 
-def _encode_one(tokenizer: Tokenizer, pair: Pair, completion, seq_len: int, key: str) -> tuple[list[int], list[int], bool]:
+def _encode_one(tokenizer: Tokenizer, pair: Pair, completion, seq_len: int,
+                key: str) -> tuple[list[int], list[int], bool]:
     if pair.is_chat:
         tokens, counted = _chat_sequence(tokenizer, pair.prompt, completion)
     else:
@@ -213,6 +215,6 @@ def encode_pairs(pairs: list[Pair], tokenizer: Tokenizer, seq_len: int, skip_bad
             encoded.append(encode_pair(pair, tokenizer, seq_len, first_index + len(encoded)))
         except BadRecord as e:
             if not skip_bad_records:
-                raise LingError(f"{pair.where}: {e} (fix it, or pass --skip-bad-records to skip such records)") from None
+                raise LingError(f"{pair.where}: {e} {FIX_HINT}") from None
             skipped.append(f"{pair.where}: {e}")
     return encoded

@@ -393,10 +393,11 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True):
         )
         if loss is not None and loss.reference == "table":
             # Full fine-tuning: the reference is the base as it is now, once for every pair (cached in --out).
-            every_pair = PreferenceBatches(data.train + data.val, args.train.micro_batch, pad, shuffle=False).fixed_batches()
+            pairs = data.train + data.val
+            every_pair = PreferenceBatches(pairs, args.train.micro_batch, pad, shuffle=False).fixed_batches()
             key = data_key(every_pair, str(Path(args.base).resolve()), precision)
-            loss.table = reference_logps(trainer.eval_model, every_pair, len(data.train) + len(data.val), Path(args.out),
-                                         key, device, precision, write=dist.is_main)
+            loss.table = reference_logps(trainer.eval_model, every_pair, len(pairs), Path(args.out), key, device,
+                                         precision, write=dist.is_main)
         trainable = sum(p.numel() for p in trainer.params)
         total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         base_val_loss = trainer.evaluate()
@@ -404,7 +405,8 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True):
             task = f"dpo, {args.dpo.loss} loss, β {args.dpo.beta:g}" if dpo else args.task
             print(f"{args.method} fine-tuning ({task}): {trainable:,} of {total:,} parameters train "
                   f"({trainable / total:.2%}) · {len(data.train):,} train / {len(data.val):,} val "
-                  + ("pairs" if dpo else f"examples in {len(batches.rows):,} sequences{' (packed)' if args.pack else ''}")
+                  + ("pairs" if dpo else
+                     f"examples in {len(batches.rows):,} sequences{' (packed)' if args.pack else ''}")
                   + f" · {precision} on {device} · val loss before training {base_val_loss:.4f}", file=sys.stderr)
         result = trainer.fit(args.resume)
         summary = {

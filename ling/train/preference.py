@@ -105,7 +105,8 @@ def hinge_loss(chosen_logratios, rejected_logratios, beta: float):
 def simpo_loss(chosen_logps, rejected_logps, chosen_len, rejected_len, beta: float, gamma: float,
                label_smoothing: float = 0.0):
     """SimPO (Meng et al. 2024, eq. 6): mean token log-probs, a target margin γ, no reference."""
-    return _smoothed_sigmoid(beta * (chosen_logps / chosen_len - rejected_logps / rejected_len) - gamma, label_smoothing)
+    margin = chosen_logps / chosen_len - rejected_logps / rejected_len
+    return _smoothed_sigmoid(beta * margin - gamma, label_smoothing)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

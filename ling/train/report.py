@@ -101,18 +101,24 @@ def _plot_rewards(ax, train: list[dict], evals: list[dict]) -> None:
     val markers; the reward accuracy on the right axis."""
     for name, color in (("chosen", "C2"), ("rejected", "C3"), ("margins", "C0")):
         key = f"rewards/{name}"
-        ax.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], color=color, lw=1, label=name)
-        ax.plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], "o", color=color, ms=3)
+        ax.plot(*_series(train, key), color=color, lw=1, label=name)
+        ax.plot(*_series(evals, key), "o", color=color, ms=3)
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(loc="upper left", fontsize="small")
     accuracy = ax.twinx()
     key = "rewards/accuracies"
-    accuracy.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], color="C1", lw=1, alpha=0.6)
-    accuracy.plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], "s-", color="C1", ms=3)
+    accuracy.plot(*_series(train, key), color="C1", lw=1, alpha=0.6)
+    accuracy.plot(*_series(evals, key), "s-", color="C1", ms=3)
     accuracy.set_ylim(0, 1.05)
     accuracy.set_ylabel("reward accuracy (orange; squares = val)")
     last = next((r for r in reversed(evals) if key in r), None)
     ax.set_title("rewards" + (f" (val accuracy {last[key]:.0%} at step {last['step']})" if last else ""))
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of the records that have `key`."""
+    kept = [r for r in records if key in r]
+    return [r["step"] for r in kept], [r[key] for r in kept]
 
 
 def _tensorboard_writer(log_dir: Path):

@@ -76,7 +76,8 @@ class LossMetrics:
 
     def add(self, training: bool, values: dict[str, torch.Tensor]) -> None:
         first = values[self.names[0]]
-        row = torch.stack([first.new_tensor(float(first.numel()))] + [values[n].detach().float().sum() for n in self.names])
+        sums = [values[name].detach().float().sum() for name in self.names]
+        row = torch.stack([first.new_tensor(float(first.numel()))] + sums)
         previous = self._sums[training]
         self._sums[training] = row if previous is None else previous + row
 
