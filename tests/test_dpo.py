@@ -302,3 +302,17 @@ def test_the_command_fails_in_one_line_in_its_own_process(base, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {data}:1: 'chosen' and 'rejected' are the same, so there is no preference to learn "
         "[preference text format] (fix it, or pass --skip-bad-records to skip such records)"]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--dpo.beta", "0"], "error: --dpo.beta must be positive, got 0.0"),
+    (["--dpo.label-smoothing", "0.5"], "error: --dpo.label-smoothing must be in [0, 0.5), got 0.5"),
+    (["--dpo.loss", "ipo", "--dpo.label-smoothing", "0.1"],
+     "error: --dpo.label-smoothing applies to the sigmoid and simpo losses, not ipo"),
+    (["--data-format", "alpaca"], "error: --data-format alpaca is not a preference format"),
+    (["--pack"], "error: --pack does not apply to --task dpo"),
+])
+def test_bad_dpo_flags_are_one_line(base, pairs_file, tmp_path, capsys, flags, expected):
+    line = one_error_line(capsys, ["finetune", "--task", "dpo", "--base", base, "--data", pairs_file, "--out",
+                                   tmp_path / "o", "--device", "cpu", *flags])
+    assert line.startswith(expected), line
