@@ -5,8 +5,8 @@
 
 1. An SFT model that is undecided: a small Llama-style char model, `ling finetune --task sft`
    from random weights on `ling.data.synthetic`'s echo task (repeat a word) whose answers are
-   UPPER or lower case at random — so on held-out prompts it prefers the UPPER answer about
-   half the time.
+   UPPER or lower case at random — meant to prefer the UPPER answer on about half of the
+   held-out prompts (measured: the first row of the table).
 2. `ling finetune --task dpo` from it, `--method full` and `--method lora`, on pairs of other
    prompts (chosen: UPPER, rejected: lower). Measured on held-out pairs: the reward accuracy
    (`rewards/accuracies` of the last evaluation; for the SFT model, the share of pairs whose
