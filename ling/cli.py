@@ -48,7 +48,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "pretrain": Command("ling.train.pretrain:PretrainArgs:pretrain", "pretrain a model on a prepared dataset"),
     "quickstart": Command("ling.quickstart:QuickstartArgs:quickstart",
                           "prepare the builtin corpus, pretrain a small model for ~2 minutes, sample from it"),
-    "finetune": Command("ling.train.finetune:FinetuneArgs:finetune", "fine-tune a model: full or LoRA, chat/instruction SFT or a task head"),
+    "finetune": Command("ling.train.finetune:FinetuneArgs:finetune", "fine-tune a model: full or LoRA, chat/instruction SFT, a task head or preference tuning (DPO)"),
     "merge": Command("ling.merge:MergeArgs:merge", "fold a LoRA adapter into its base model"),
     "eval": Command("ling.eval.evaluate:EvalArgs:evaluate", "loss / perplexity / bits-per-byte, a classifier's accuracy, or lm-eval tasks (--tasks)"),
     "generate": Command("ling.infer.generate:GenerateArgs:generate", "generate text from a checkpoint (one prompt or a file)"),

@@ -28,6 +28,7 @@ an untied LM head).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -112,9 +113,13 @@ class LoRALinear(nn.Module):
         })
         for A in self.lora_A.values():
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as PEFT and nn.Linear initialise
+        self.disabled = False
+        """compute the base layer alone (see `adapters_disabled`)"""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
+        if self.disabled:
+            return y
         h = self.dropout(x)
         for name, (start, end) in self.slices.items():
             delta = F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name]) * self.scale
@@ -147,9 +152,27 @@ class _ReplaceRows(nn.Module):
         super().__init__()
         self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=weight.device))
         self.values = nn.Parameter(weight.detach()[self.ids].float().clone())
+        self.disabled = False
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return weight
         return weight.index_copy(0, self.ids, self.values.to(weight.dtype))
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside, `model` computes its frozen base: every LoRA update and trained token row is
+    skipped (PEFT's `disable_adapter`). Preference tuning's reference model is this — the
+    same weights in memory, not a second copy."""
+    layers = [m for m in model.modules() if isinstance(m, (LoRALinear, _ReplaceRows))]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def apply_lora(model: Transformer, config: LoRAConfig, train_token_ids: list[int] = ()) -> Transformer:

@@ -226,11 +226,12 @@ def test_bare_ling_prints_usage_and_exits_2_and_version():
 
 def test_help_has_no_subcommand_lists_and_whole_paragraphs():
     proc = subprocess.run([*LING, "pretrain", "--help"], capture_output=True, text=True,
-                          env={**one_thread_env(), "COLUMNS": "100"})
+                          env={**one_thread_env(), "COLUMNS": "80"})
     assert proc.returncode == 0
     assert proc.stdout.splitlines()[0] == "usage: ling pretrain [-h] [OPTIONS]"
     assert "subcommand" not in proc.stdout and "rope-scaling:" not in proc.stdout
-    # a docstring's line breaks are not the help's: the terminal's width wraps it
+    # a docstring's line breaks are not the help's: the terminal's width wraps it (--resume's
+    # docstring breaks after "there is"; 80 columns wrap that paragraph elsewhere)
     assert "start fresh if there is none); or the path of a checkpoint directory" in proc.stdout
     vocab = next(line for line in proc.stdout.splitlines() if "--model.vocab-size" in line)
     assert "(default: from the dataset's tokenizer)" in vocab

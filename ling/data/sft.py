@@ -128,7 +128,8 @@ def _string(record: dict, key: str, required: bool = True, allow_empty: bool = F
     return value
 
 
-def _turns(items: Any, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
+def _turns(items: Any, key: str, role_key: str, text_key: str, roles: dict[str, str],
+           need_assistant: bool = True) -> list[dict]:
     if not isinstance(items, list):
         raise BadRecord(f"'{key}' must be a list of turns, got {type(items).__name__}")
     if not items:
@@ -149,7 +150,7 @@ def _turns(items: Any, key: str, role_key: str, text_key: str, roles: dict[str, 
     for i, m in enumerate(messages):
         if m["role"] == "system" and i > 0:
             raise BadRecord(f"{key}[{i}] is a system message; only the first turn may be one")
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(f"'{key}' has no assistant turn, so there is nothing to learn from it")
     return messages
 

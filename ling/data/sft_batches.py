@@ -91,7 +91,7 @@ class SFTBatches:
     def next_step(self) -> list[Batch]:
         """This process's micro-batches for the next optimizer step."""
         step = [self._next_rows() for _ in range(self.accumulation * self.world_size)]
-        return [collate(rows, self.pad_id, self.pack) for rows in step[self.rank::self.world_size]]
+        return [self._collate(rows) for rows in step[self.rank::self.world_size]]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -104,4 +104,8 @@ class SFTBatches:
         """Every row once (or the first `limit` micro-batches), in order, this process's share:
         the same batches at every evaluation."""
         batches = [self.rows[i:i + self.micro_batch] for i in range(0, len(self.rows), self.micro_batch)]
-        return [collate(rows, self.pad_id, self.pack) for rows in batches[:limit][self.rank::self.world_size]]
+        return [self._collate(rows) for rows in batches[:limit][self.rank::self.world_size]]
+
+    def _collate(self, rows: list[list[Encoded]]) -> Batch:
+        """One micro-batch of rows (what a subclass changes to batch other kinds of examples)."""
+        return collate(rows, self.pad_id, self.pack)

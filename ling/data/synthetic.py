@@ -1,10 +1,17 @@
 """Synthetic instruction tasks with exactly one right answer, to show that fine-tuning teaches.
 
     python -m ling.data.synthetic --task reverse --n 2000 --out reverse.jsonl --format messages
+    python -m ling.data.synthetic --task echo --n 2000 --out pairs.jsonl --format preference
+    python -m ling.data.synthetic --task echo --n 2000 --out sft.jsonl --format messages --mixed-styles
 
-Tasks: `reverse` a word, `sort` its letters, `add` two 2-digit numbers. Words are random
-lowercase strings (no dictionary needed, nothing to memorise from pretraining). The same
-seed gives the same file; `held_out_split` keeps evaluation prompts out of training.
+Tasks: `echo` a word, `reverse` it, `sort` its letters, `add` two 2-digit numbers. Words are
+random lowercase strings (no dictionary needed, nothing to memorise from pretraining). The
+same seed gives the same file; `held_out_split` keeps evaluation prompts out of training.
+
+Preference data has two styles of the same right answer: UPPER case (chosen) and lower case
+(rejected), so what preference tuning must teach is the style alone. `--mixed-styles` writes
+supervised data whose answers take either style at random: a model tuned on it prefers the
+chosen style on about half of the prompts, the starting point for preference tuning.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from typing import Literal
 from ling.atomic import atomic_file
 from ling.data.sft import alpaca_messages
 
-Task = Literal["reverse", "sort", "add"]
-TASKS: tuple[str, ...] = ("reverse", "sort", "add")
-INSTRUCTIONS = {"reverse": "Reverse the word.", "sort": "Sort the letters of the word.", "add": "Add the two numbers."}
+Task = Literal["echo", "reverse", "sort", "add"]
+TASKS: tuple[str, ...] = ("echo", "reverse", "sort", "add")
+INSTRUCTIONS = {"echo": "Repeat the word.", "reverse": "Reverse the word.", "sort": "Sort the letters of the word.",
+                "add": "Add the two numbers."}
 MAX_DISTINCT = {"add": 90 * 90}
 """tasks with a finite number of distinct prompts (two 2-digit numbers: 90 × 90)"""
 
@@ -30,7 +38,7 @@ def _example(task: str, rng: random.Random) -> dict:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         return {"instruction": INSTRUCTIONS[task], "input": f"{a} + {b}", "output": str(a + b)}
     word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7)))
-    answer = word[::-1] if task == "reverse" else "".join(sorted(word))
+    answer = {"echo": word, "reverse": word[::-1]}.get(task) or "".join(sorted(word))
     return {"instruction": INSTRUCTIONS[task], "input": word, "output": answer}
 
 
@@ -61,10 +69,45 @@ def to_messages(record: dict) -> dict:
     return {"messages": alpaca_messages(record["instruction"], record.get("input"), record["output"])}
 
 
-def write_jsonl(records: list[dict], path: str | Path, fmt: Literal["alpaca", "messages"] = "alpaca") -> None:
+CHOSEN_STYLE, REJECTED_STYLE = str.upper, str.lower
+"""the two styles of an answer in preference data: chosen UPPER, rejected lower"""
+
+
+def answer_style(text: str) -> str | None:
+    """'chosen' for an answer in the chosen style, 'rejected' in the other, None for neither."""
+    text = text.strip()
+    if text and text == CHOSEN_STYLE(text) != REJECTED_STYLE(text):
+        return "chosen"
+    if text and text == REJECTED_STYLE(text) != CHOSEN_STYLE(text):
+        return "rejected"
+    return None
+
+
+def mixed_styles(records: list[dict], seed: int = 0) -> list[dict]:
+    """The records with each answer in the chosen or the rejected style, at random (50/50)."""
+    rng = random.Random(f"styles-{seed}")
+    return [{**r, "output": (CHOSEN_STYLE if rng.random() < 0.5 else REJECTED_STYLE)(r["output"])} for r in records]
+
+
+def to_preference(record: dict, fmt: Literal["preference", "preference-text"] = "preference") -> dict:
+    """A preference pair: the record's prompt, its answer in the chosen and in the rejected style
+    (chat messages, or plain text with the prompt ending in a newline)."""
+    chosen, rejected = CHOSEN_STYLE(record["output"]), REJECTED_STYLE(record["output"])
+    if fmt == "preference-text":
+        return {"prompt": f"{record['instruction']}\n{record['input']}\n", "chosen": chosen, "rejected": rejected}
+    prompt = alpaca_messages(record["instruction"], record.get("input"), "")[:1]
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+Format = Literal["alpaca", "messages", "preference", "preference-text"]
+
+
+def write_jsonl(records: list[dict], path: str | Path, fmt: Format = "alpaca") -> None:
+    convert = {"messages": to_messages, "alpaca": lambda r: r}.get(fmt) or (lambda r: to_preference(r, fmt))
     with atomic_file(path) as f:
         for record in records:
-            f.write(json.dumps(to_messages(record) if fmt == "messages" else record, ensure_ascii=False) + "\n")
+            f.write(json.dumps(convert(record), ensure_ascii=False) + "\n")
 
 
 @dataclass
@@ -76,12 +119,18 @@ class SyntheticArgs:
     task: Task = "reverse"
     n: int = 2000
     """number of distinct examples"""
-    format: Literal["alpaca", "messages"] = "alpaca"
+    format: Format = "alpaca"
+    """alpaca or messages (supervised); preference or preference-text (chosen/rejected pairs)"""
+    mixed_styles: bool = False
+    """supervised formats: each answer in the chosen or the rejected style at random"""
     seed: int = 0
 
 
 def main(args: SyntheticArgs) -> None:
-    write_jsonl(make_examples(args.task, args.n, args.seed), args.out, args.format)
+    records = make_examples(args.task, args.n, args.seed)
+    if args.mixed_styles:
+        records = mixed_styles(records, args.seed)
+    write_jsonl(records, args.out, args.format)
     print(f"wrote {args.n} '{args.task}' examples ({args.format}) to {args.out}")
 
 

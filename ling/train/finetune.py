@@ -1,4 +1,4 @@
-"""`ling finetune`: supervised fine-tuning of a pretrained model — full or LoRA, LM or task head.
+"""`ling finetune`: fine-tuning of a pretrained model — full or LoRA; SFT, a task head or preferences.
 
 No loop of its own: it prepares the three things a method changes and hands them to the
 trainer core (`ling.train.trainer.Trainer`):
@@ -7,7 +7,9 @@ trainer core (`ling.train.trainer.Trainer`):
   run adds (`--method lora`, base frozen and, in bf16 runs, held in bf16);
 - how a batch is built: records → chat template → tokens (`ling.data.sft*`), padded or packed;
 - which positions count: the assistant's replies (labels -100 elsewhere), every token with
-  `--train-on-prompt` or for text, or each example's last token for `--task classification`.
+  `--train-on-prompt` or for text, or each example's last token for `--task classification`;
+- or, for `--task dpo`, the objective: preference pairs (`ling.data.preference*`, chosen and
+  rejected in one forward) and a preference loss with its reference (`ling.train.preference`).
 
 Around that: the base's tokenizer gets a chat template if it has none (saved with every
 checkpoint, so `ling chat`/`serve` format prompts the same way), the validation loss is
@@ -32,6 +34,8 @@ from safetensors.torch import load_file
 
 from ling.atomic import atomic_file
 from ling.checkpoint import load_checkpoint, save_model_dir
+from ling.data.preference import Pair, encode_pairs, read_pairs
+from ling.data.preference_batches import PreferenceBatches
 from ling.data.sft import DataFormat, Example, read_examples
 from ling.data.sft_batches import SFTBatches
 from ling.data.sft_encode import Encoded, encode_example, encode_labelled, install_chatml
@@ -47,6 +51,7 @@ from ling.train import distributed
 from ling.train.checkpointing import load_model_weights
 from ling.train.config import TrainConfig
 from ling.train.heads import SequenceClassifier, load_head_weights, save_head
+from ling.train.preference import DPOConfig, PreferenceLoss, data_key, reference_logps
 from ling.adapter_dir import ADAPTER_WEIGHTS, save_adapter
 from ling.lora import LoRAConfig, apply_lora, load_adapter_state_dict
 from ling.train.trainer import Trainer
@@ -60,22 +65,24 @@ def _finetune_train_config() -> TrainConfig:
 
 @dataclass
 class FinetuneArgs:
-    """Fine-tune a pretrained model on instruction, chat, text or labelled data (full or LoRA)."""
+    """Fine-tune a pretrained model on instruction, chat, text, labelled or preference data (full or LoRA)."""
 
     base: str
     """the pretrained model: a ling checkpoint directory, a Hugging Face model directory or a GGUF file"""
     data: str
-    """training data: .json/.jsonl in Alpaca, chat-messages, ShareGPT or {"text"} format"""
+    """training data: .json/.jsonl in Alpaca, chat-messages, ShareGPT or {"text"} format; for --task dpo
+    {"prompt", "chosen", "rejected"} as text or chat messages"""
     out: str
     """run directory: checkpoints/, latest, best, metrics.jsonl, samples.jsonl, config.yaml, report.png"""
     val_data: Optional[str] = None
     """validation data (same formats); default: hold out --val-fraction of --data"""
     method: Literal["full", "lora"] = "full"
     """full = train every weight; lora = train low-rank adapters, base frozen"""
-    task: Literal["sft", "classification"] = "sft"
-    """sft = language modelling on the data; classification = a last-token class head"""
+    task: Literal["sft", "classification", "dpo"] = "sft"
+    """sft = language modelling on the data; classification = a last-token class head; dpo = preference
+    tuning on chosen/rejected pairs (the loss: --dpo.loss)"""
     data_format: DataFormat = "auto"
-    """force the data format instead of detecting it from the first record"""
+    """force the data format instead of detecting it from the first record (--task dpo: text or messages)"""
     skip_bad_records: bool = False
     """skip malformed records (counted in the summary) instead of stopping at the first"""
     label_field: str = "label"
@@ -95,8 +102,10 @@ class FinetuneArgs:
     sample_tokens: int = 64
     """at most this many tokens per sample answer"""
     dropout: Optional[float] = None
-    """the model's dropout for this run (default: the base's own; short fine-tunes often do best with 0)"""
+    """the model's dropout for this run (default: the base's own, 0 for --task dpo as in trl; short fine-tunes
+    often do best with 0)"""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     train: TrainConfig = field(default_factory=_finetune_train_config)
     resume: Optional[str] = None
     """'auto' = continue from the newest complete checkpoint in --out; or a checkpoint directory"""
@@ -186,6 +195,34 @@ def prepare_data(args: FinetuneArgs, tokenizer: Tokenizer, seq_len: int) -> Prep
     return PreparedData(kept["train"], kept["val"], val_examples, skipped, truncated, dropped, classes, new_token_ids)
 
 
+def prepare_pairs(args: FinetuneArgs, tokenizer: Tokenizer, seq_len: int) -> PreparedData:
+    """--task dpo: read, split and encode preference pairs (train pairs first, then validation,
+    numbered in that order: their rows of the reference log-probability table)."""
+    if args.pack:
+        raise LingError("--pack does not apply to --task dpo (each pair is its own two rows)")
+    read = lambda path: read_pairs(path, args.data_format, args.skip_bad_records)  # noqa: E731
+    train_records = read(args.data)
+    skipped = list(train_records.skipped)
+    if args.val_data:
+        val_records = read(args.val_data)
+        skipped += val_records.skipped
+        train_pairs, val_pairs = train_records.pairs, val_records.pairs
+    else:
+        train_pairs, val_pairs = _split(train_records.pairs, args.val_fraction, args.train.seed)
+    new_token_ids = []
+    if not tokenizer.chat_template and any(p.is_chat for p in train_pairs + val_pairs):
+        new_token_ids = install_chatml(tokenizer)
+    train = encode_pairs(train_pairs, tokenizer, seq_len, args.skip_bad_records, skipped)
+    val = encode_pairs(val_pairs, tokenizer, seq_len, args.skip_bad_records, skipped, first_index=len(train))
+    for split, pairs in (("train", train), ("validation", val)):
+        if not pairs:
+            raise LingError(f"no usable {split} pair is left ({len(skipped)} bad record(s) skipped, first: "
+                            f"{skipped[0] if skipped else '-'})")
+    kept = {p.where for p in val}
+    return PreparedData(train, val, [p for p in val_pairs if p.where in kept], skipped,
+                        sum(p.truncated for p in train + val), 0, None, new_token_ids)
+
+
 # ---- saving and restoring what trains ------------------------------------------------------
 @dataclass
 class Saver:
@@ -246,6 +283,15 @@ def _sample_prompts(examples: list[Example], tokenizer: Tokenizer, n: int, seq_l
     return reply_prompts(examples[:n], tokenizer, seq_len)
 
 
+def _pair_prompts(pairs: list[Pair], tokenizer: Tokenizer, n: int, seq_len: int) -> list[dict]:
+    """Up to `n` held-out preference prompts, with the chosen completion as the reference."""
+    chats = [Example(p.where, messages=p.prompt + p.chosen) for p in pairs[:n] if p.is_chat]
+    if chats:
+        return reply_prompts(chats, tokenizer, seq_len)
+    prompts = [{"prompt": p.prompt, "ids": tokenizer.encode(p.prompt), "reference": p.chosen} for p in pairs[:n]]
+    return [p for p in prompts if 0 < len(p["ids"]) < seq_len]
+
+
 def sample_hook(tokenizer: Tokenizer, prompts: list[dict], args: FinetuneArgs, device, precision: str):
     """After each evaluation: answer the held-out prompts greedily, append them to samples.jsonl,
     and report the exact-match rate against the references."""
@@ -303,10 +349,11 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True, after_eval=None)
         if tokenizer is None:
             raise LingError(f"{args.base}: no tokenizer.json; fine-tuning needs the base model's tokenizer")
         seq_len = min(args.max_seq_len, model.cfg.context_length)
-        data = prepare_data(args, tokenizer, seq_len)
+        dpo = args.task == "dpo"
+        data = prepare_pairs(args, tokenizer, seq_len) if dpo else prepare_data(args, tokenizer, seq_len)
         resize_vocab(model, tokenizer.vocab_size)
-        if args.dropout is not None:
-            model.set_dropout(args.dropout)
+        if args.dropout is not None or dpo:  # trl's disable_dropout: policy and reference see the same network
+            model.set_dropout(args.dropout or 0.0)
         torch.manual_seed(args.train.seed)  # the same new weights (adapters, head) in every run and process
         if args.method == "lora":
             apply_lora(model, args.lora, data.new_token_ids)
@@ -315,14 +362,22 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True, after_eval=None)
         model.to(device)
 
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-        batches = SFTBatches(data.train, args.train.micro_batch, pad, seed=args.train.seed, pack=args.pack,
-                             seq_len=seq_len, accumulation=args.train.accumulation(seq_len, dist.world_size),
-                             rank=dist.rank, world_size=dist.world_size)
-        val_all = SFTBatches(data.val, args.train.micro_batch, pad, pack=args.pack, seq_len=seq_len, shuffle=False)
-        val_mine = SFTBatches(data.val, args.train.micro_batch, pad, pack=args.pack, seq_len=seq_len, shuffle=False,
-                              rank=dist.rank, world_size=dist.world_size)
+        Batches = PreferenceBatches if dpo else SFTBatches
+        batches = Batches(data.train, args.train.micro_batch, pad, seed=args.train.seed, pack=args.pack,
+                          seq_len=seq_len, accumulation=args.train.accumulation(seq_len, dist.world_size),
+                          rank=dist.rank, world_size=dist.world_size)
+        val_all = Batches(data.val, args.train.micro_batch, pad, pack=args.pack, seq_len=seq_len, shuffle=False)
+        val_mine = Batches(data.val, args.train.micro_batch, pad, pack=args.pack, seq_len=seq_len, shuffle=False,
+                           rank=dist.rank, world_size=dist.world_size)
+        loss = None
+        if dpo:
+            reference = "none" if not args.dpo.needs_reference else "adapters" if args.method == "lora" else "table"
+            loss = PreferenceLoss(args.dpo, reference, model)
         if args.task == "classification":
             on_eval = accuracy_hook(val_all.fixed_batches(), device, precision)
+        elif dpo:
+            prompts = _pair_prompts(data.val_examples, tokenizer, args.samples, seq_len)
+            on_eval = sample_hook(tokenizer, prompts, args, device, precision)
         else:
             prompts = _sample_prompts(data.val_examples, tokenizer, args.samples, seq_len)
             on_eval = sample_hook(tokenizer, prompts, args, device, precision)
@@ -336,15 +391,25 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True, after_eval=None)
             save_weights=saver.save, load_weights=saver.load, config=to_dict(resolved), on_eval=on_eval,
             after_eval=after_eval,
             resume_hint=f"ling finetune --config {Path(args.out) / 'config.yaml'} --resume auto", kernels=args.kernels,
+            **({"loss_fn": loss, "loss_metrics": loss.metrics} if loss is not None else {}),
         )
+        if loss is not None and loss.reference == "table":
+            # Full fine-tuning: the reference is the base as it is now, once for every pair (cached in --out).
+            pairs = data.train + data.val
+            every_pair = PreferenceBatches(pairs, args.train.micro_batch, pad, shuffle=False).fixed_batches()
+            key = data_key(every_pair, str(Path(args.base).resolve()), precision)
+            loss.table = reference_logps(trainer.eval_model, every_pair, len(pairs), Path(args.out), key, device,
+                                         precision, write=dist.is_main)
         trainable = sum(p.numel() for p in trainer.params)
         total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         base_val_loss = trainer.evaluate()
         if dist.is_main:
-            print(f"{args.method} fine-tuning ({args.task}): {trainable:,} of {total:,} parameters train "
-                  f"({trainable / total:.2%}) · {len(data.train):,} train / {len(data.val):,} val examples in "
-                  f"{len(batches.rows):,} sequences{' (packed)' if args.pack else ''} · {precision} on {device}"
-                  f" · val loss before training {base_val_loss:.4f}", file=sys.stderr)
+            task = f"dpo, {args.dpo.loss} loss, β {args.dpo.beta:g}" if dpo else args.task
+            print(f"{args.method} fine-tuning ({task}): {trainable:,} of {total:,} parameters train "
+                  f"({trainable / total:.2%}) · {len(data.train):,} train / {len(data.val):,} val "
+                  + ("pairs" if dpo else
+                     f"examples in {len(batches.rows):,} sequences{' (packed)' if args.pack else ''}")
+                  + f" · {precision} on {device} · val loss before training {base_val_loss:.4f}", file=sys.stderr)
         result = trainer.fit(args.resume, baseline_val_loss=base_val_loss)
         summary = {
             "method": args.method, "task": args.task, "trainable_params": trainable, "total_params": total,
@@ -355,6 +420,8 @@ def run_finetune(args: FinetuneArgs, show_summary: bool = True, after_eval=None)
             "checkpoint": str(result.checkpoint) if result.checkpoint else None, "peft_skipped": saver.peft_skipped,
             "kernels": trainer.kernels.to_dict(),
         }
+        if dpo:
+            summary.update({"dpo_loss": args.dpo.loss, "beta": args.dpo.beta, "val_rewards": trainer.last_eval_metrics})
         if dist.is_main:
             with atomic_file(Path(args.out) / "summary.json") as f:
                 f.write(json.dumps(summary, indent=2) + "\n")
@@ -377,6 +444,10 @@ def print_summary(summary: dict, data: PreparedData, run_dir: Path) -> None:
         f"{summary['truncated']} truncated at --max-seq-len · {summary['dropped']} without a token to learn dropped · "
         f"{summary['skipped_records']} bad records skipped",
     ]
+    if summary.get("val_rewards"):
+        r = summary["val_rewards"]
+        lines.append(f"val rewards: accuracy {r['rewards/accuracies']:.1%} · margin {r['rewards/margins']:.4f} · "
+                     f"chosen {r['rewards/chosen']:.4f} · rejected {r['rewards/rejected']:.4f}")
     if data.skipped:
         lines.append(f"first skipped: {data.skipped[0]}")
     lines.append(f"model: {run_dir / 'latest'} (try: ling chat {run_dir / 'latest'})")

@@ -2,9 +2,10 @@
 
 `metrics.jsonl` has one JSON object per line: `{"kind": "train", "step", "loss", "lr",
 "tokens", "tokens_per_s", "mfu", ...}` every log step and `{"kind": "eval", "step",
-"val_loss", ...}` every evaluation; every record also carries `time` (when it was written,
-Unix seconds) and `elapsed` (seconds of training since the run began, resumed sessions
-added up). On resume, lines after the checkpoint's step (written by the run that was
+"val_loss", ...}` every evaluation (with what the objective reports besides, e.g. preference
+tuning's `rewards/*`, which report.png then plots too); every record also carries `time` (when
+it was written, Unix seconds) and `elapsed` (seconds of training since the run began, resumed
+sessions added up). On resume, lines after the checkpoint's step (written by the run that was
 interrupted) are dropped, so the file reads as one uninterrupted run.
 """
 
@@ -78,8 +79,10 @@ class MetricsLog:
 
         train = [r for r in self.records if r.get("kind") == "train"]
         evals = [r for r in self.records if r.get("kind") == "eval" and r.get("val_loss") is not None]
-        fig = Figure(figsize=(12, 3.6), layout="constrained")
-        loss_ax, speed_ax, lr_ax = fig.subplots(1, 3)
+        rewards = any("rewards/margins" in r for r in train + evals)
+        fig = Figure(figsize=(16 if rewards else 12, 3.6), layout="constrained")
+        axes = fig.subplots(1, 4 if rewards else 3)
+        loss_ax, speed_ax, lr_ax = axes[:3]
         loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
         loss_ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val", ms=3)
         if evals:
@@ -93,7 +96,9 @@ class MetricsLog:
         speed_ax.set_ylim(bottom=0)
         lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], lw=1)
         lr_ax.set_title("learning rate")
-        for ax in (loss_ax, speed_ax, lr_ax):
+        if rewards:
+            _plot_rewards(axes[3], train, evals)
+        for ax in axes:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         with atomic_file(self.report_path, "wb") as f:
@@ -102,6 +107,31 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _plot_rewards(ax, train: list[dict], evals: list[dict]) -> None:
+    """Preference rewards (trl's names): chosen, rejected and their margin, train lines and
+    val markers; the reward accuracy on the right axis."""
+    for name, color in (("chosen", "C2"), ("rejected", "C3"), ("margins", "C0")):
+        key = f"rewards/{name}"
+        ax.plot(*_series(train, key), color=color, lw=1, label=name)
+        ax.plot(*_series(evals, key), "o", color=color, ms=3)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.legend(loc="upper left", fontsize="small")
+    accuracy = ax.twinx()
+    key = "rewards/accuracies"
+    accuracy.plot(*_series(train, key), color="C1", lw=1, alpha=0.6)
+    accuracy.plot(*_series(evals, key), "s-", color="C1", ms=3)
+    accuracy.set_ylim(0, 1.05)
+    accuracy.set_ylabel("reward accuracy (orange; squares = val)")
+    last = next((r for r in reversed(evals) if key in r), None)
+    ax.set_title("rewards" + (f" (val accuracy {last[key]:.0%} at step {last['step']})" if last else ""))
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of the records that have `key`."""
+    kept = [r for r in records if key in r]
+    return [r["step"] for r in kept], [r[key] for r in kept]
 
 
 def _tensorboard_writer(log_dir: Path):

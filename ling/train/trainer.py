@@ -4,7 +4,8 @@ A method decides three things and hands them to `Trainer`:
 - which parameters train: those with `requires_grad` (the optimizer gets only them);
 - how a batch is built: a `BatchSource` yielding `ling.data.batch.Batch` micro-batches;
 - which positions count in the loss: the batch's labels (`IGNORE_INDEX` elsewhere), and
-  if needed a `loss_fn` (e.g. a classification head) and how weights are saved/loaded.
+  if needed a `loss_fn` (e.g. a classification head, a preference loss over pairs), what it
+  reports besides the loss (`LossMetrics`), and how weights are saved/loaded.
 
 Everything else — mixed precision, gradient accumulation, DDP or FSDP, clipping, schedules,
 evaluation, checkpoints with exact resume, Ctrl-C, metrics and the progress bar — is here
@@ -75,6 +76,34 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class LossMetrics:
+    """Numbers a loss reports besides itself (e.g. preference rewards), one value per example:
+    summed apart for training and for evaluation, and read as means over the examples since
+    the last read, across processes (a collective: every process reads together)."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self._sums: dict[bool, torch.Tensor | None] = {True: None, False: None}
+
+    def add(self, training: bool, values: dict[str, torch.Tensor]) -> None:
+        first = values[self.names[0]]
+        sums = [values[name].detach().float().sum() for name in self.names]
+        row = torch.stack([first.new_tensor(float(first.numel()))] + sums)
+        previous = self._sums[training]
+        self._sums[training] = row if previous is None else previous + row
+
+    def clear(self, training: bool) -> None:
+        self._sums[training] = None
+
+    def take(self, training: bool, dist: Dist, device: torch.device) -> dict[str, float]:
+        sums = self._sums[training]
+        self._sums[training] = None
+        sums = distributed.all_reduce_sum(sums if sums is not None else torch.zeros(len(self.names) + 1, device=device),
+                                          dist)
+        count, *totals = sums.tolist()
+        return {name: total / count for name, total in zip(self.names, totals)} if count else {}
+
+
 def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Summed next-token cross-entropy over the positions whose label counts."""
     logits = model(batch.tokens, batch.positions, batch.mask)
@@ -131,11 +160,14 @@ class Trainer:
                  config: dict | None = None, resume_hint: str = "--resume auto",
                  init_hint: Callable[[Path], str] = lambda path: f"--init-from {path}",
                  sample_prompt: list[int] | None = None, on_eval: Callable[[int], dict] | None = None,
-                 after_eval: Callable[[dict], None] | None = None, kernels: str = "auto"):
+                 after_eval: Callable[[dict], None] | None = None, kernels: str = "auto",
+                 loss_metrics: LossMetrics | None = None):
         self.cfg, self.batches, self.val_batches = cfg, batches, val_batches
         self.device, self.precision, self.tokenizer, self.dist = device, precision, tokenizer, dist
         self.flops_per_token = flops_per_token
         self.loss_fn, self.save_weights, self.load_weights = loss_fn, save_weights, load_weights
+        self.loss_metrics = loss_metrics
+        """what `loss_fn` reports besides the loss: joins the train and eval records and the progress line"""
         self.config, self.resume_hint, self.sample_prompt = config, resume_hint, sample_prompt
         self.init_hint = init_hint
         """the command that starts a new run from a checkpoint's weights (offered when its
@@ -186,6 +218,7 @@ class Trainer:
         """steps skipped for a non-finite loss or gradient norm (see TrainConfig.max_bad_steps)"""
         self.best_val_loss: float | None = None
         self.last_val_loss: float | None = None
+        self.last_eval_metrics: dict[str, float] = {}
         self.last_checkpoint: Path | None = None
         self._stop_signal: str | None = None
 
@@ -240,11 +273,12 @@ class Trainer:
                         self.peak, peak_refreshed = peak_flops(self.device, self.precision, refresh=True), True
                         util = mfu(rate, self.flops_per_token, self.peak, self.dist.world_size)
                     memory = peak_memory(self.device)
+                    extra = self._take_loss_metrics(training=True)
                     self.metrics.write({"kind": "train", "step": self.step, "loss": loss, "lr": result.lr,
                                         "grad_norm": result.grad_norm, "tokens": self.tokens_seen,
-                                        "tokens_per_s": rate, "mfu": util}
+                                        "tokens_per_s": rate, "mfu": util, **extra}
                                        | ({"max_memory_allocated": memory} if memory is not None else {}))
-                    status = (f"loss {loss:.4f} · lr {result.lr:.2e} · {rate:,.0f} tok/s"
+                    status = (f"loss {loss:.4f}" + _shown(extra) + f" · lr {result.lr:.2e} · {rate:,.0f} tok/s"
                               + (f" · MFU {util:.1%}" if util is not None else "")
                               + (f" · mem {memory / 2**30:.1f} GiB" if memory is not None else ""))
                     bar.set_postfix_str(status)
@@ -363,11 +397,17 @@ class Trainer:
             else:
                 torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.grad_clip, norm)
 
+    def _take_loss_metrics(self, training: bool) -> dict[str, float]:
+        return {} if self.loss_metrics is None else self.loss_metrics.take(training, self.dist, self.device)
+
     @torch.no_grad()
     def evaluate(self, budget_s: float | None = None) -> float | None:
         """Mean loss over the fixed validation batches (all processes together); None without
         any. With `budget_s` (one process only): a progress bar, and None at once if the first
-        batch says the whole pass would take longer."""
+        batch says the whole pass would take longer. What the loss reports besides is then in
+        `last_eval_metrics`."""
+        if self.loss_metrics is not None:
+            self.loss_metrics.clear(training=False)
         self.eval_model.eval()
         totals = torch.zeros(2, device=self.device)
         batches = self.val_batches
@@ -392,6 +432,7 @@ class Trainer:
                 batches.close()
             self.eval_model.train()
         totals = distributed.all_reduce_sum(totals, self.dist)
+        self.last_eval_metrics = self._take_loss_metrics(training=False)
         return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
     def _save_on_signal(self, bar) -> None:
@@ -406,7 +447,8 @@ class Trainer:
                       f"{QUICK_EVAL_S:g} s here; `ling eval` measures it)", file=sys.stderr)
             return
         self.last_val_loss = val_loss
-        self.metrics.write({"kind": "eval", "step": self.step, "val_loss": val_loss, "tokens": self.tokens_seen})
+        self.metrics.write({"kind": "eval", "step": self.step, "val_loss": val_loss, "tokens": self.tokens_seen,
+                            **self.last_eval_metrics})
         bar.write(f"step {self.step}: checkpoint saved; val loss {val_loss:.4f}", file=sys.stderr)
         self.metrics.plot()
 
@@ -420,7 +462,8 @@ class Trainer:
         if is_best:
             self.best_val_loss = val_loss
         self.last_val_loss = val_loss
-        record = {"kind": "eval", "step": self.step, "val_loss": val_loss, "tokens": self.tokens_seen}
+        record = {"kind": "eval", "step": self.step, "val_loss": val_loss, "tokens": self.tokens_seen,
+                  **self.last_eval_metrics}
         plain = self.plain_model()
         if self.cfg.sample_tokens > 0 and self.sample_prompt and self.tokenizer is not None and self.dist.is_main:
             record["sample"] = self.sample(plain)
@@ -428,7 +471,7 @@ class Trainer:
         record.update(extra)
         self.metrics.write(record)
         if self.dist.is_main:
-            shown = "".join(f" · {k} {v:.4g}" if isinstance(v, float) else f" · {k} {v}" for k, v in extra.items())
+            shown = _shown({**self.last_eval_metrics, **extra})
             if val_loss is not None or shown:
                 bar.write(f"step {self.step}:" + (f" val loss {val_loss:.4f}" if val_loss is not None else "")
                           + (" (best)" if is_best else "") + shown)
@@ -598,3 +641,8 @@ class Trainer:
     def _restore_signals(handlers: dict) -> None:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+
+
+def _shown(metrics: dict) -> str:
+    """' · name value' for each metric, for the progress line and the evaluation lines."""
+    return "".join(f" · {k} {v:.4g}" if isinstance(v, float) else f" · {k} {v}" for k, v in metrics.items())
