@@ -20,7 +20,6 @@ import tyro
 from ling.dataclass_io import closest, from_dict, to_dict
 from ling.errors import LingError, read_json
 
-
 MAX_CONTEXT_LENGTH = 1 << 24
 """the longest context a config may ask for (16M positions; the longest open models have ~1M)"""
 

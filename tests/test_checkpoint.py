@@ -9,10 +9,10 @@ from safetensors.torch import save_file
 
 import ling.weights
 from ling.checkpoint import load_checkpoint, save_model_dir
-from ling.weights import SafetensorsFiles
 from ling.config import ModelConfig
 from ling.errors import LingError
 from ling.model import build_model
+from ling.weights import SafetensorsFiles
 
 
 @pytest.fixture

@@ -26,8 +26,19 @@ from ling.model import build_model
 from ling.tokenizer import Tokenizer
 from ling.train.config import TrainConfig
 from ling.train.finetune import FinetuneArgs, run_finetune
-from ling.train.preference import (REFERENCE_FILE, DPOConfig, PreferenceLoss, completion_logps, hinge_loss, ipo_loss,
-                                   orpo_loss, pair_losses, reference_logps, sigmoid_loss, simpo_loss)
+from ling.train.preference import (
+    REFERENCE_FILE,
+    DPOConfig,
+    PreferenceLoss,
+    completion_logps,
+    hinge_loss,
+    ipo_loss,
+    orpo_loss,
+    pair_losses,
+    reference_logps,
+    sigmoid_loss,
+    simpo_loss,
+)
 from ling.train.trainer import Trainer
 from tests.test_cli_bad_inputs import one_error_line
 

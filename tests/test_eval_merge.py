@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from ling import cli
+from ling.adapter_dir import save_adapter
 from ling.checkpoint import load_checkpoint, save_model_dir
 from ling.config import ModelConfig
 from ling.data.dataset import open_dataset
 from ling.data.prepare import PrepareArgs, prepare
 from ling.data.sft_encode import install_chatml
 from ling.eval.evaluate import EvalArgs, evaluate
+from ling.lora import LoRAConfig, apply_lora
 from ling.model import build_model
 from ling.tokenizer import Tokenizer
-from ling.adapter_dir import save_adapter
-from ling.lora import LoRAConfig, apply_lora
 from ling.vocab import resize_vocab
 
 TEXT = "the cat sat on the mat. the dog sat on the log.\n" * 3

@@ -14,11 +14,11 @@ from ling.data.sft import Example, alpaca_messages
 from ling.data.sft_encode import CHATML_TEMPLATE, IM_END, encode_example, install_chatml
 from ling.data.synthetic import make_examples, write_jsonl
 from ling.eval.evaluate import EvalArgs, evaluate
+from ling.lora import LoRAConfig
 from ling.model import build_model
 from ling.tokenizer import Tokenizer
 from ling.train.config import TrainConfig
 from ling.train.finetune import FinetuneArgs, run_finetune
-from ling.lora import LoRAConfig
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,?!+0123456789\n"
 

@@ -9,10 +9,17 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, \
-    Qwen3Config
+from tokenizers import Tokenizer as HFTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from ling import cli
 from ling.checkpoint import load_checkpoint, save_model_dir

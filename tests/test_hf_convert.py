@@ -13,13 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ling import cli
 from ling.checkpoint import load_checkpoint, save_model_dir
-from ling.weights import read_safetensors
 from ling.config import ModelConfig, RopeScaling
 from ling.errors import LingError
 from ling.hf.checkpoint import read_hf_config
 from ling.hf.convert import FromHFArgs, ToHFArgs, from_hf, to_hf
 from ling.model import build_model
 from ling.tokenizer import Tokenizer
+from ling.weights import read_safetensors
 from tests.hf_models import VARIANTS, ling_logits, max_diff_over_valid, padded_batch, save_hf_model
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"

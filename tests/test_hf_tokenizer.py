@@ -12,9 +12,8 @@ The chat templates are realistic: system prompts, tools, tool calls, reasoning, 
 import json
 
 import pytest
-from tokenizers import Regex
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, GPT2Tokenizer, LlamaTokenizer, PreTrainedTokenizerFast, Qwen2Tokenizer
 
 from ling.errors import LingError

@@ -10,12 +10,20 @@ import torch.nn.functional as F
 
 from ling.config import ModelConfig
 from ling.errors import LingError
-from ling.kernels import Choice, KernelReport, Probe, apply_inference_kernels, apply_training_kernels, check_mode
-from ling.kernels import plan_inference_kernels, plan_training_kernels
+from ling.kernels import (
+    Choice,
+    KernelReport,
+    Probe,
+    apply_inference_kernels,
+    apply_training_kernels,
+    check_mode,
+    plan_inference_kernels,
+    plan_training_kernels,
+)
 from ling.kernels.cpu_attention import SingleQueryAttention, explicit_attention, single_query_attention
-from ling.kernels.lean_block import LeanBlock, LeanRMSNorm
 from ling.kernels.gelu import FusedGeluMLP, SigmoidGeluMLP, compiled_gelu_tanh
 from ling.kernels.grad_ops import ATenGradEmbedding, BiasGradLinear
+from ling.kernels.lean_block import LeanBlock, LeanRMSNorm
 from ling.kernels.prepack import PrepackedLinear, can_prepack
 from ling.kernels.probe import CACHE_FILE
 from ling.kernels.swap import swap_class

@@ -8,8 +8,8 @@ import torch
 
 from ling.config import ModelConfig
 from ling.errors import LingError
-from ling.model import build_model
 from ling.lora import LoRAConfig, LoRALinear, adapter_state_dict, apply_lora, load_adapter_state_dict, merge_lora
+from ling.model import build_model
 
 
 def _model(**overrides):

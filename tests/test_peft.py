@@ -11,9 +11,9 @@ from ling.config import ModelConfig
 from ling.data.sft_encode import install_chatml
 from ling.hf.checkpoint import save_hf_dir
 from ling.hf.peft import save_peft_adapter
+from ling.lora import LoRAConfig, apply_lora
 from ling.model import build_model
 from ling.tokenizer import Tokenizer
-from ling.lora import LoRAConfig, apply_lora
 from ling.vocab import resize_vocab
 
 GPT2_LIKE = ModelConfig(name="gpt2", vocab_size=64, context_length=32, n_layer=2, n_embd=32, n_head=4, bias="all")

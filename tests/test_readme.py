@@ -43,11 +43,11 @@ import shlex
 import string
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from ling import cli

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from ling.config import ModelConfig
 from ling.data.sampler import PretrainSampler, validation_batches
 from ling.errors import LingError
-from ling.config import ModelConfig
 from ling.model import build_model
 from ling.tokenizer import Tokenizer
 from ling.train.checkpointing import TRAIN_STATE, RunDir

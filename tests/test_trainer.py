@@ -20,6 +20,7 @@ from ling.train.checkpointing import RunDir
 from ling.train.config import TrainConfig
 from ling.train.trainer import Trainer
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models train fastest on one thread (and on a busy machine, by far)."""

@@ -20,8 +20,14 @@ import numpy as np
 import torch
 
 from ling.errors import LingError
-from ling.gguf.arch import ROPE_FREQS, config_from_metadata, family_for_gguf, gguf_weight_map, permuted_heads, \
-    unpermute_rows
+from ling.gguf.arch import (
+    ROPE_FREQS,
+    config_from_metadata,
+    family_for_gguf,
+    gguf_weight_map,
+    permuted_heads,
+    unpermute_rows,
+)
 from ling.gguf.library import require_gguf
 from ling.gguf.vocab import TokenizerMetadata, tokenizer_from_metadata
 from ling.model import Transformer, build_model

@@ -23,8 +23,16 @@ from tqdm import tqdm
 
 from ling.atomic import atomic_path
 from ling.errors import LingError
-from ling.gguf.arch import (ARCHS, ROPE_FREQS, arch_metadata, gguf_weight_map, model_name, permute_rows, permuted_heads,
-                            rope_factors)
+from ling.gguf.arch import (
+    ARCHS,
+    ROPE_FREQS,
+    arch_metadata,
+    gguf_weight_map,
+    model_name,
+    permute_rows,
+    permuted_heads,
+    rope_factors,
+)
 from ling.gguf.library import require_gguf
 from ling.gguf.vocab import TokenizerMetadata, tokenizer_metadata
 from ling.hf.checkpoint import export_family

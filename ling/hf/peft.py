@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 
 from ling.atomic import set_default_mode
 from ling.hf.checkpoint import export_family
-from ling.model import Transformer
 from ling.lora import LoRAConfig, LoRALinear, token_rows
+from ling.model import Transformer
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."

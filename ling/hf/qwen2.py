@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from ling.config import ModelConfig
 from ling.hf.family import Family, HFConfig, check_sliding_window
-from ling.hf.llama import (LLAMA_LIKE_IGNORED, LLAMA_LIKE_REQUIREMENTS, llama_like_config, llama_like_hf_config,
-                           llama_modules)
+from ling.hf.llama import (
+    LLAMA_LIKE_IGNORED,
+    LLAMA_LIKE_REQUIREMENTS,
+    llama_like_config,
+    llama_like_hf_config,
+    llama_modules,
+)
 
 # transformers' Qwen2Config defaults, for keys a config.json leaves out.
 DEFAULTS = {

@@ -71,7 +71,14 @@ from ling.checkpoint import load_checkpoint, resolve_dtype, unwrap
 from ling.errors import LingError
 from ling.infer.detokenize import IncrementalDetokenizer, StopStrings
 from ling.infer.sampling import BatchSampler, SamplingParams, TokenLogprob
-from ling.kernels import Choice, KernelReport, apply_inference_kernels, check_mode, compile_decision, plan_inference_kernels
+from ling.kernels import (
+    Choice,
+    KernelReport,
+    apply_inference_kernels,
+    check_mode,
+    compile_decision,
+    plan_inference_kernels,
+)
 from ling.model import KVCache, Transformer
 from ling.tokenizer import Tokenizer
 

@@ -19,10 +19,10 @@ import tyro
 from tqdm import tqdm
 
 from ling.atomic import atomic_file
+from ling.checkpoint import load_checkpoint, resolve_dtype
 from ling.dataclass_io import from_dict
 from ling.device import pick_device, pick_precision
 from ling.errors import LingError
-from ling.checkpoint import load_checkpoint, resolve_dtype
 from ling.infer.engine import Completion, Engine
 from ling.infer.sampling import SamplingParams
 from ling.kernels import check_mode, compile_decision

@@ -35,8 +35,17 @@ from ling.errors import LingError
 from ling.infer import SamplingParams
 from ling.kernels import KernelReport
 from ling.serve.metrics import Metrics
-from ling.serve.protocol import (APIError, ChatRequest, CompletionRequest, ErrorResponse, error_body, new_id, now,
-                                 parse_request, usage)
+from ling.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    ErrorResponse,
+    error_body,
+    new_id,
+    now,
+    parse_request,
+    usage,
+)
 from ling.serve.scheduler import Event, QueueFull, Scheduler
 from ling.tokenizer import Tokenizer
 

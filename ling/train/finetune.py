@@ -32,6 +32,7 @@ from typing import Literal, Optional
 import torch
 from safetensors.torch import load_file
 
+from ling.adapter_dir import ADAPTER_WEIGHTS, save_adapter
 from ling.atomic import atomic_file
 from ling.checkpoint import load_checkpoint, save_model_dir
 from ling.data.preference import Pair, encode_pairs, read_pairs
@@ -42,9 +43,10 @@ from ling.data.sft_encode import Encoded, encode_example, encode_labelled, insta
 from ling.dataclass_io import to_dict
 from ling.device import pick_device, pick_precision
 from ling.errors import LingError
-from ling.kernels import check_mode
 from ling.eval.exact_match import greedy_reply, reply_prompts
 from ling.eval.metrics import score_classifier
+from ling.kernels import check_mode
+from ling.lora import LoRAConfig, apply_lora, load_adapter_state_dict
 from ling.model import autocast_context
 from ling.tokenizer import Tokenizer
 from ling.train import distributed
@@ -52,8 +54,6 @@ from ling.train.checkpointing import load_model_weights
 from ling.train.config import TrainConfig
 from ling.train.heads import SequenceClassifier, load_head_weights, save_head
 from ling.train.preference import DPOConfig, PreferenceLoss, data_key, reference_logps
-from ling.adapter_dir import ADAPTER_WEIGHTS, save_adapter
-from ling.lora import LoRAConfig, apply_lora, load_adapter_state_dict
 from ling.train.trainer import Trainer
 from ling.vocab import resize_vocab
 

@@ -21,8 +21,8 @@ from ling.errors import LingError
 from ling.kernels import check_mode
 from ling.model import build_model
 from ling.train import distributed
-from ling.train.config import TrainConfig
 from ling.train.checkpointing import load_model_weights
+from ling.train.config import TrainConfig
 from ling.train.trainer import Trainer, TrainResult
 
 

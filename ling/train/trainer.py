@@ -46,14 +46,21 @@ from ling.kernels import KernelReport, apply_training_kernels, plan_training_ker
 from ling.model import Transformer, autocast_context
 from ling.train import distributed
 from ling.train.allocator import reuse_freed_memory
-from ling.train.checkpointing import (TRAIN_STATE, RunDir, intact_weights, load_model_weights, read_train_state,
-                                      rng_state, seed_everything, set_rng_state)
+from ling.train.checkpointing import (
+    TRAIN_STATE,
+    RunDir,
+    intact_weights,
+    load_model_weights,
+    read_train_state,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from ling.train.config import TrainConfig
 from ling.train.distributed import Dist
 from ling.train.metrics import Throughput, mfu, peak_flops, peak_memory
 from ling.train.optim import LRSchedule, build_optimizer
 from ling.train.report import MetricsLog
-
 
 QUICK_EVAL_S = 5.0
 """after Ctrl-C, the checkpoint is saved first; a validation pass follows only if it takes
