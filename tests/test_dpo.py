@@ -220,7 +220,9 @@ def test_sigmoid_loss_starts_at_ln2(base, pairs_file, tmp_path, method):
     torch.testing.assert_close(torch.tensor(first["loss"]), LN2)
     torch.testing.assert_close(torch.tensor(summary["base_val_loss"]), LN2)
     assert first["rewards/margins"] == pytest.approx(0, abs=1e-5) and first["rewards/accuracies"] == 0.0
-    (evaluation,) = _records(tmp_path / "run", "eval")
+    before, evaluation = _records(tmp_path / "run", "eval")  # the loss measured before training, then step 1's
+    assert before["step"] == 0
+    torch.testing.assert_close(torch.tensor(before["val_loss"]), LN2)
     assert set(summary["val_rewards"]) <= set(evaluation) and "rewards/accuracies" in evaluation
     assert (tmp_path / "run" / REFERENCE_FILE).exists() == (method == "full")
 

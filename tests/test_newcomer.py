@@ -233,8 +233,8 @@ def test_help_has_no_subcommand_lists_and_whole_paragraphs():
     # a docstring's line breaks are not the help's: the terminal's width wraps it (--resume's
     # docstring breaks after "there is"; 80 columns wrap that paragraph elsewhere)
     assert "start fresh if there is none); or the path of a checkpoint directory" in proc.stdout
-    vocab = next(line for line in proc.stdout.splitlines() if "--model.vocab-size" in line)
-    assert "(default: from the dataset's tokenizer)" in vocab
+    flat = " ".join(line.strip("│ ") for line in proc.stdout.splitlines())  # the boxes' text, as one line
+    assert "--model.vocab-size INT tokens in the vocabulary (default: from the dataset's tokenizer)" in flat
     assert "--model.rope-scaling {None}|YAML" in proc.stdout
 
 

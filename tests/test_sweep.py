@@ -173,6 +173,21 @@ def test_base_as_files_and_mappings_applied_in_order(data, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_shipped_sweep_config_passes_every_check(data, tmp_path, monkeypatch):
+    """configs/sweep-shakespeare-char.yaml (the README's sweep), on a stand-in for the dataset it names."""
+    from ling.sweep.spec import SweepArgs, check
+
+    config = yaml.safe_load((ROOT / "configs" / "sweep-shakespeare-char.yaml").read_text())
+    (tmp_path / "configs").mkdir()
+    shutil.copy(ROOT / "configs" / "shakespeare-char-cpu.yaml", tmp_path / "configs")
+    (tmp_path / "data").mkdir()
+    shutil.copytree(data, tmp_path / "data" / "shakespeare-char")
+    monkeypatch.chdir(tmp_path)
+    plan = check(SweepArgs(**config))
+    assert [d.key for d in plan.dims] == ["train.lr", "train.warmup_steps", "train.weight_decay"]
+    assert plan.args.trials == 16 and not (tmp_path / "runs").exists()
+
+
 def test_finetune_metrics_are_named_and_every_sampler_and_pruner_builds(data, tmp_path):
     from ling.errors import LingError
     from ling.sweep.spec import SweepArgs, check
