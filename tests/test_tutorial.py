@@ -31,7 +31,7 @@ def chapters(folder: Path) -> list[Path]:
 
 
 SLOW = {"06-training-a-language-model.md", "07-scaling-out.md", "08-hyper-parameters.md", "09-fine-tuning.md", "10-deploy.md"}
-"""chapters that run `ling` commands, `torchrun` or dozens of small trainings (~15-40 s each on 2 cores)"""
+"""chapters that run `ling` commands, `torchrun` or dozens of small trainings (~15-50 s of CPU each)"""
 
 
 @pytest.mark.parametrize("chapter", [pytest.param(p, marks=[pytest.mark.slow] if p.name in SLOW else [])
