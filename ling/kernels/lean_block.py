@@ -62,11 +62,15 @@ def linear_with(layer: nn.Module, x: torch.Tensor, other: torch.Tensor, op: str)
 
 
 class LeanBlock(Block):
-    """`Block.forward` for inference (eval mode, no gradients) in fewer operations."""
+    """`Block.forward` for inference (eval mode, no gradients) in fewer operations, for the
+    one-token decode step it is chosen by timing; a prompt (several positions) takes `Block`'s
+    path, where the fused epilogues measured slower."""
 
     def forward(self, x, rope, positions, mask, cache, layer):
-        attn, mlp, cfg = self.attn, self.mlp, self.attn.cfg
         B, T, _ = x.shape
+        if T > 1:
+            return super().forward(x, rope, positions, mask, cache, layer)
+        attn, mlp, cfg = self.attn, self.mlp, self.attn.cfg
         H, H_kv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         qkv = attn.qkv(self.attn_norm(x)).view(B, T, H + 2 * H_kv, D)
         qk, v = qkv.split([H + H_kv, H_kv], dim=2)
