@@ -24,15 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from ling.data.batch import IGNORE_INDEX
-from ling.data.sft import ROLES, BadRecord, _json_lines, _turns
+from ling.data.sft import FIX_HINT, ROLES, BadRecord, _turns, read_records
 from ling.data.sft_encode import _token_flags, assistant_spans
 from ling.errors import LingError
 from ling.tokenizer import Tokenizer
 
 PREFERENCE_FORMATS = ("text", "messages")
-FIX_HINT = "(fix it, or pass --skip-bad-records to skip such records)"
-
-
 @dataclass
 class Pair:
     """One preference record: a prompt and two completions, the first one preferred."""
@@ -143,23 +140,8 @@ def read_pairs(path: str | Path, data_format: str = "auto", skip_bad_records: bo
         raise LingError(f"--data-format {data_format} is not a preference format; --task dpo reads "
                         f"{' or '.join(PREFERENCE_FORMATS)} (or auto)")
     fmt = None if data_format == "auto" else data_format
-    pairs, skipped = [], []
-    for line, record in _json_lines(path):
-        where = f"{path}:{line}"
-        try:
-            if isinstance(record, BadRecord):
-                raise record
-            if fmt is None:
-                fmt = detect_preference_format(record)
-            pairs.append(parse_pair(record, fmt, where))
-        except BadRecord as e:
-            if not skip_bad_records:
-                hint = "" if fmt is None else f" [preference {fmt} format]"
-                raise LingError(f"{where}: {e}{hint} {FIX_HINT}") from None
-            skipped.append(f"{where}: {e}")
-    if not pairs:
-        reason = f"; {len(skipped)} bad record(s) skipped, first: {skipped[0]}" if skipped else ""
-        raise LingError(f"{path}: no usable records{reason}")
+    pairs, fmt, skipped = read_records(path, fmt, detect_preference_format, parse_pair, skip_bad_records,
+                                       kind="preference ")
     return Pairs(pairs, fmt, skipped)
 
 

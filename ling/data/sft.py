@@ -203,6 +203,34 @@ def detect_format(record: Any) -> str:
     )
 
 
+FIX_HINT = "(fix it, or pass --skip-bad-records to skip such records)"
+
+
+def read_records(path: Path, fmt: str | None, detect, parse, skip_bad_records: bool, kind: str = ""):
+    """(items, format, skipped) of a JSON / JSONL data file: `detect(record)` names the format
+    from the first usable record unless `fmt` is given, `parse(record, fmt, where)` makes an
+    item; a bad record stops with file:line and the reason, or is skipped (and listed) with
+    --skip-bad-records."""
+    items, skipped = [], []
+    for line, record in _json_lines(path):
+        where = f"{path}:{line}"
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            if fmt is None:
+                fmt = detect(record)
+            items.append(parse(record, fmt, where))
+        except BadRecord as e:
+            if not skip_bad_records:
+                hint = "" if fmt is None else f" [{kind}{fmt} format]"
+                raise LingError(f"{where}: {e}{hint} {FIX_HINT}") from None
+            skipped.append(f"{where}: {e}")
+    if not items:
+        reason = f"; {len(skipped)} bad record(s) skipped, first: {skipped[0]}" if skipped else ""
+        raise LingError(f"{path}: no usable records{reason}")
+    return items, fmt, skipped
+
+
 def read_examples(path: str | Path, data_format: DataFormat = "auto", skip_bad_records: bool = False,
                   label_field: str | None = None, text_field: str = "text") -> Records:
     """All examples of a data file; the format is that of the first usable record unless forced.
@@ -213,21 +241,7 @@ def read_examples(path: str | Path, data_format: DataFormat = "auto", skip_bad_r
     if path.is_dir():
         raise LingError(f"{path}: is a directory; fine-tuning data is a .json or .jsonl file")
     fmt = "classification" if label_field is not None else (None if data_format == "auto" else data_format)
-    examples, skipped = [], []
-    for line, record in _json_lines(path):
-        where = f"{path}:{line}"
-        try:
-            if isinstance(record, BadRecord):
-                raise record
-            if fmt is None:
-                fmt = detect_format(record)
-            examples.append(parse_record(record, fmt, where, label_field, text_field))
-        except BadRecord as e:
-            if not skip_bad_records:
-                hint = "" if fmt is None else f" [{fmt} format]"
-                raise LingError(f"{where}: {e}{hint} (fix it, or pass --skip-bad-records to skip such records)") from None
-            skipped.append(f"{where}: {e}")
-    if not examples:
-        reason = f"; {len(skipped)} bad record(s) skipped, first: {skipped[0]}" if skipped else ""
-        raise LingError(f"{path}: no usable records{reason}")
+    examples, fmt, skipped = read_records(
+        path, fmt, detect_format, lambda record, fmt, where: parse_record(record, fmt, where, label_field, text_field),
+        skip_bad_records)
     return Records(examples, fmt, skipped)
