@@ -134,7 +134,7 @@ class PreparedData:
     """tokens added to the tokenizer (the built-in chat template's)"""
 
 
-def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def _split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     if not 0 < fraction < 1:
         raise LingError(f"--val-fraction must be between 0 and 1, got {fraction}")
     if len(examples) < 2:
@@ -149,19 +149,24 @@ def _label_key(label) -> tuple:
     return (isinstance(label, str), label)
 
 
+def _read_train_and_val(args: FinetuneArgs, read, field: str):
+    """(the --data file's records, train items, validation items, skipped records): `read(path)`
+    reads one file, whose `field` holds the items; validation is --val-data, else a seeded
+    --val-fraction of --data."""
+    train = read(args.data)
+    if args.val_data:
+        val = read(args.val_data)
+        return train, getattr(train, field), getattr(val, field), list(train.skipped) + list(val.skipped)
+    return train, *_split(getattr(train, field), args.val_fraction, args.train.seed), list(train.skipped)
+
+
 def prepare_data(args: FinetuneArgs, tokenizer: Tokenizer, seq_len: int) -> PreparedData:
     """Read, split and encode the data; a tokenizer without a chat template gets the built-in
     one when the data holds conversations."""
     label_field = args.label_field if args.task == "classification" else None
-    read = lambda path: read_examples(path, args.data_format, args.skip_bad_records, label_field, args.text_field)
-    train_records = read(args.data)
-    skipped = list(train_records.skipped)
-    if args.val_data:
-        val_records = read(args.val_data)
-        skipped += val_records.skipped
-        train_examples, val_examples = train_records.examples, val_records.examples
-    else:
-        train_examples, val_examples = _split(train_records.examples, args.val_fraction, args.train.seed)
+    train_records, train_examples, val_examples, skipped = _read_train_and_val(
+        args, lambda path: read_examples(path, args.data_format, args.skip_bad_records, label_field, args.text_field),
+        "examples")
     classes = None
     if label_field is not None:
         classes = sorted({e.label for e in train_examples}, key=_label_key)
@@ -200,15 +205,8 @@ def prepare_pairs(args: FinetuneArgs, tokenizer: Tokenizer, seq_len: int) -> Pre
     numbered in that order: their rows of the reference log-probability table)."""
     if args.pack:
         raise LingError("--pack does not apply to --task dpo (each pair is its own two rows)")
-    read = lambda path: read_pairs(path, args.data_format, args.skip_bad_records)  # noqa: E731
-    train_records = read(args.data)
-    skipped = list(train_records.skipped)
-    if args.val_data:
-        val_records = read(args.val_data)
-        skipped += val_records.skipped
-        train_pairs, val_pairs = train_records.pairs, val_records.pairs
-    else:
-        train_pairs, val_pairs = _split(train_records.pairs, args.val_fraction, args.train.seed)
+    _, train_pairs, val_pairs, skipped = _read_train_and_val(
+        args, lambda path: read_pairs(path, args.data_format, args.skip_bad_records), "pairs")
     new_token_ids = []
     if not tokenizer.chat_template and any(p.is_chat for p in train_pairs + val_pairs):
         new_token_ids = install_chatml(tokenizer)
