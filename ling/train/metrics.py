@@ -141,7 +141,18 @@ def cpu_peak_flops(dtype: torch.dtype, refresh: bool = False) -> float:
 
 def probe_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.2, rounds: int = 3,
                        clock=time.perf_counter) -> float:
-    """Best FLOP/s of n×n matmuls over a few short rounds (the best filters out noise)."""
+    """Best FLOP/s of n×n matmuls over a few short rounds (the best filters out noise).
+
+    A 256² matmul first says how fast this dtype is here; n shrinks (by halves) until one
+    matmul takes at most half a round, so that a CPU which emulates the dtype (bf16 without
+    AVX512-BF16 or AMX, a hundred times slower) is probed in about the same time."""
+    small = torch.randn(256, 256, dtype=dtype)
+    small @ small  # the first call pays for the library's set-up
+    t0 = clock()
+    small @ small
+    rate = 2 * 256**3 / max(clock() - t0, 1e-9)
+    while n > 256 and 2 * n**3 / rate > seconds / 2:
+        n //= 2
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = 0.0
